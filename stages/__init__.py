@@ -1,0 +1,1 @@
+"""Stages of the transfer-learning pipeline: one module per `dvc.yaml` stage."""

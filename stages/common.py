@@ -1,0 +1,95 @@
+"""Helpers every stage shares: user-facing errors, atomic writes, seeding, paths."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+RAW_DIR = Path("data/raw")
+RAW_ARCHIVE = RAW_DIR / "dataset.zip"
+PREPARED_DIR = Path("data/prepared")
+MANIFEST = PREPARED_DIR / "manifest.csv"
+CLASSES = PREPARED_DIR / "classes.json"
+REPORT = PREPARED_DIR / "report.json"
+FEATURES_DIR = Path("data/features")
+MODELS_DIR = Path("models")
+METRICS_DIR = Path("metrics")
+EVALUATION_DIR = Path("reports/evaluation")
+
+
+class PipelineError(Exception):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+def stage_main(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except PipelineError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("error: interrupted; nothing was half-written, rerun the stage", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
+
+    A killed or failing stage therefore never leaves a half-written output behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing; run the stage that writes it (dvc repro)") from None
+    except json.JSONDecodeError as error:
+        raise PipelineError(f"{path} is not valid JSON ({error}); delete it and rerun dvc repro") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow and make TF ops deterministic, so reruns give equal metrics."""
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    import numpy as np
+
+    np.random.seed(seed)
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()

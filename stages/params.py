@@ -1,0 +1,196 @@
+"""Load `params.yaml` and validate all of it before any stage does work.
+
+Every problem is reported on its own line that names the parameter and what is allowed.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from stages.backbones import REGISTRY
+from stages.common import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+BACKBONE_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
+RESERVED_KEYS = {"model", "summary", "train", "plots"}  # names of files and folders beside metrics/<key>.json
+
+Check = Callable[[Any], "str | None"]  # returns what is wrong, or None
+
+
+def _int(low: int | None = None, high: int | None = None) -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be an integer, got {value!r}"
+        if (low is not None and value < low) or (high is not None and value > high):
+            return f"must be between {low} and {high}, got {value}"
+        return None
+
+    return check
+
+
+def _float(low: float, high: float, *, include_low: bool = True, include_high: bool = True) -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {value!r}"
+        too_low = value < low if include_low else value <= low
+        too_high = value > high if include_high else value >= high
+        if too_low or too_high:
+            left, right = "[" if include_low else "(", "]" if include_high else ")"
+            return f"must be in {left}{low}, {high}{right}, got {value}"
+        return None
+
+    return check
+
+
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+
+def _choice(*allowed: Any) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in allowed else f"must be one of {', '.join(map(str, allowed))}, got {value!r}"
+
+    return check
+
+
+def _url(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "must be an http(s):// or file:// URL or a local path"
+    return None
+
+
+def _sha256(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{64}", value)):
+        return None
+    return f"must be null or 64 hex digits, got {value!r}"
+
+
+SCHEMA: dict[str, Any] = {
+    "data": {
+        "url": _url,
+        "sha256": _sha256,
+        "val_fraction": _float(0.0, 1.0, include_low=False, include_high=False),
+        "test_fraction": _float(0.0, 1.0, include_low=False, include_high=False),
+        "max_extract_bytes": _int(1),
+        "max_image_pixels": _int(1),
+    },
+    "seed": _int(0, 2**31 - 1),
+    "model": None,  # checked against the backbone keys
+    "backbones": None,  # checked by _check_backbones
+    "features": {"batch_size": _int(1, 1024)},
+    "augment": {
+        "views": _int(0, 20),
+        "flip": _bool,
+        "rotation": _float(0.0, 0.5),
+        "zoom": _float(0.0, 0.9),
+        "translation": _float(0.0, 0.9),
+        "contrast": _float(0.0, 1.0),
+    },
+    "train": {
+        "epochs": _int(1, 10000),
+        "batch_size": _int(1, 65536),
+        "learning_rate": _float(0.0, 10.0, include_low=False),
+        "dropout": _float(0.0, 1.0, include_high=False),
+        "hidden_units": _int(0, 65536),
+        "patience": _int(0, 10000),
+    },
+}
+OPTIONAL_SECTIONS: set[str] = set()
+
+
+def _check_section(prefix: str, schema: Any, value: Any, problems: list[str]) -> None:
+    if not isinstance(schema, dict):
+        if schema is not None and (problem := schema(value)):
+            problems.append(f"{prefix}: {problem}")
+        return
+    if not isinstance(value, dict):
+        problems.append(f"{prefix}: must be a mapping with keys {', '.join(schema)}")
+        return
+    for key in value.keys() - schema.keys():
+        name = f"{prefix}.{key}" if prefix else key
+        problems.append(f"{name}: unknown parameter; allowed: {', '.join(schema)}")
+    for key, sub_schema in schema.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in value:
+            if not (prefix == "" and key in OPTIONAL_SECTIONS):
+                problems.append(f"{name}: missing")
+            continue
+        _check_section(name, sub_schema, value[key], problems)
+
+
+def _check_backbones(backbones: Any, root: Path, problems: list[str]) -> None:
+    if not isinstance(backbones, dict) or not backbones:
+        problems.append("backbones: must map at least one name to {arch, image_size, weights}")
+        return
+    for key, spec in backbones.items():
+        name = f"backbones.{key}"
+        if not isinstance(key, str) or not BACKBONE_KEY.match(key) or key in RESERVED_KEYS:
+            problems.append(
+                f"{name}: a backbone name must be lower case letters, digits and _ "
+                f"and not one of {', '.join(sorted(RESERVED_KEYS))}"
+            )
+        if not isinstance(spec, dict):
+            problems.append(f"{name}: must be a mapping with keys arch, image_size, weights")
+            continue
+        for unknown in spec.keys() - {"arch", "image_size", "weights"}:
+            problems.append(f"{name}.{unknown}: unknown parameter; allowed: arch, image_size, weights")
+        arch = spec.get("arch")
+        backbone = REGISTRY.get(arch) if isinstance(arch, str) else None
+        if backbone is None:
+            problems.append(f"{name}.arch: unknown arch {arch!r}; allowed: {', '.join(REGISTRY)}")
+        size = spec.get("image_size")
+        min_size = backbone.min_image_size if backbone else 32
+        if problem := _int(min_size, 1024)(size):
+            problems.append(f"{name}.image_size: {problem}")
+        if "weights" not in spec:
+            problems.append(f"{name}.weights: missing; use imagenet, null or a path to a weights file")
+            continue
+        weights = spec["weights"]
+        named = backbone.named_weights if backbone else ("imagenet",)
+        if weights is None or weights in named:
+            continue
+        if not isinstance(weights, str):
+            problems.append(f"{name}.weights: must be {', '.join(named)}, null or a path, got {weights!r}")
+        elif not (root / weights).is_file():
+            problems.append(
+                f"{name}.weights: weights file {weights} not found; use {', '.join(named)}, null "
+                "or the path of a Keras weights file (relative to the project root or absolute)"
+            )
+
+
+def validate(params: Any, root: Path = Path(".")) -> list[str]:
+    """All problems with `params`, one message each; empty when it is valid."""
+    if not isinstance(params, dict):
+        return ["params.yaml: must be a mapping of sections (data, seed, model, backbones, ...)"]
+    problems: list[str] = []
+    _check_section("", SCHEMA, params, problems)
+    _check_backbones(params.get("backbones"), root, problems)
+    backbones = params.get("backbones")
+    if isinstance(backbones, dict) and "model" in params and params["model"] not in backbones:
+        problems.append(f"model: {params['model']!r} is not a backbone; valid: {', '.join(map(str, backbones))}")
+    return problems
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """Read and validate `params.yaml`; raise one PipelineError listing every problem."""
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found; run from the project root") from None
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    problems = validate(params, path.parent)
+    if problems:
+        raise PipelineError(f"{path} is invalid:\n" + "\n".join(f"  {path}: {p}" for p in problems))
+    return params
+
+
+def resolve_weights(weights: str | None, named: tuple[str, ...], root: Path = Path(".")) -> str | None:
+    """The value to pass to a Keras constructor: a named set, None, or an absolute file path."""
+    if weights is None or weights in named:
+        return weights
+    return str((root / weights).resolve())
