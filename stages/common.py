@@ -52,7 +52,9 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # Keep the full suffix (".keras", ".weights.h5"): Keras picks the file format from it.
+    stem, dot, suffix = target.name.partition(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=dot + suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

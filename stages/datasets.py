@@ -1,0 +1,87 @@
+"""Reading what `prepare` wrote, and `tf.data` pipelines over the images it lists."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from stages.common import CLASSES, MANIFEST, PipelineError, read_json
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+SPLITS = ("train", "val", "test")
+
+
+def read_classes(path: Path = CLASSES) -> list[str]:
+    classes = read_json(path)
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise PipelineError(f"{path} must list two or more classes; rerun dvc repro prepare")
+    return classes
+
+
+def read_manifest(path: Path = MANIFEST) -> pd.DataFrame:
+    """The image list (path, label, split), with `label_index` added from classes.json."""
+    try:
+        manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing; run dvc repro prepare") from None
+    missing = {"path", "label", "split"} - set(manifest.columns)
+    if missing:
+        raise PipelineError(f"{path} lacks columns {sorted(missing)}; rerun dvc repro prepare")
+    index = {name: i for i, name in enumerate(read_classes(path.parent / CLASSES.name))}
+    unknown = set(manifest["label"]) - index.keys()
+    if unknown:
+        raise PipelineError(f"{path} has labels {sorted(unknown)} that classes.json lacks; rerun dvc repro prepare")
+    manifest["label_index"] = manifest["label"].map(index).astype("int64")
+    return manifest
+
+
+def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows = manifest[manifest["split"] == split]
+    if rows.empty:
+        raise PipelineError(f"{MANIFEST} has no {split} images; check the dataset layout and data.val_fraction")
+    return rows
+
+
+def decode_resized(path: "tf.Tensor", image_size: int) -> "tf.Tensor":
+    """File -> float32 RGB in 0..255 at image_size x image_size (bilinear, as keras.layers.Resizing)."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    return tf.ensure_shape(image, (image_size, image_size, 3))
+
+
+def image_dataset(paths: list[str], image_size: int, batch_size: int, labels: np.ndarray | None = None) -> "tf.data.Dataset":
+    """Batches of resized images (and labels), decoded in parallel, in manifest order."""
+    import tensorflow as tf
+
+    images = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda p: decode_resized(p, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    if labels is not None:
+        images = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(labels))
+    return images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def augmentation_layers(augment: dict[str, Any], seed: int) -> "keras.Sequential":
+    """The training-time augmentation, as Keras preprocessing layers (identity at inference)."""
+    import keras
+
+    layers: list[keras.layers.Layer] = []
+    if augment["flip"]:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if augment["rotation"]:
+        layers.append(keras.layers.RandomRotation(augment["rotation"], fill_mode="reflect", seed=seed + 1))
+    if augment["zoom"]:
+        layers.append(keras.layers.RandomZoom(augment["zoom"], fill_mode="reflect", seed=seed + 2))
+    if augment["translation"]:
+        t = augment["translation"]
+        layers.append(keras.layers.RandomTranslation(t, t, fill_mode="reflect", seed=seed + 3))
+    if augment["contrast"]:
+        layers.append(keras.layers.RandomContrast(augment["contrast"], value_range=(0, 255), seed=seed + 4))
+    return keras.Sequential(layers, name="augmentation")

@@ -1,0 +1,152 @@
+"""Open untrusted image files safely and turn them into 8-bit RGB, for `prepare` and `predict`.
+
+The TensorFlow input pipeline decodes JPEG and PNG files itself and ignores EXIF orientation,
+alpha and bit depth, so anything that is not a plain 8-bit RGB JPEG/PNG is normalised here once.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+from stages.common import PipelineError
+
+# Formats whose files TensorFlow's decode_jpeg/decode_png read as they are (MPO is a multi-picture JPEG).
+TF_READY_FORMATS = {"JPEG", "MPO", "PNG"}
+ORIENTATION = ExifTags.Base.Orientation
+WHITE = (255, 255, 255)
+
+
+class ImageRejected(PipelineError):
+    """A file that cannot be used as an image; `reason` says why, in a few words."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the file holds, read before decoding changes it."""
+
+    format: str
+    mode: str
+    size: tuple[int, int]
+    bits: int
+    orientation: int
+    transparency: bool
+
+    def describe(self) -> str:
+        extra = f", EXIF orientation {self.orientation}" if self.orientation != 1 else ""
+        return f"{self.format} {self.mode} {self.bits}-bit{extra}"
+
+
+def set_pixel_limit(max_pixels: int) -> None:
+    """Make Pillow refuse images with more than `max_pixels` pixels (decompression bombs).
+
+    Pillow only warns between 1x and 2x its limit; turning that warning into an error makes the
+    limit exact, and the warning filter is process-wide so it also holds in worker threads.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def open_image(path: Path) -> tuple[Image.Image, ImageInfo]:
+    """Open `path`, check it and decode it fully; raise ImageRejected with the reason when it is unusable."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageRejected(path, "empty file (0 bytes)")
+        # verify() checks structure and checksums that load() does not, but leaves the image unusable.
+        with Image.open(path) as probe:
+            _check_pixels(path, probe)
+            probe.verify()
+        image = Image.open(path)
+        try:
+            info = _info(image)
+            image.load()
+        except BaseException:
+            image.close()
+            raise
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageRejected(path, f"too many pixels ({error})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageRejected(path, "not an image") from None
+    except Exception as error:  # decoders of untrusted files fail in many ways; each means "unusable"
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        kind = "truncated" if "truncated" in message or isinstance(error, EOFError) else "does not decode"
+        raise ImageRejected(path, f"{kind} ({message})") from None
+    return image, info
+
+
+def is_tf_ready(info: ImageInfo) -> bool:
+    """Whether TensorFlow decodes the file to the same pixels we see: 8-bit RGB JPEG/PNG, upright, opaque."""
+    return (
+        info.format in TF_READY_FORMATS
+        and info.mode == "RGB"
+        and info.bits == 8
+        and info.orientation == 1
+        and not info.transparency
+    )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An upright 8-bit RGB copy: EXIF orientation applied, 16-bit scaled down, alpha composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):
+        image = _sixteen_to_eight_bit(image)
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open, check and decode `path` and return it as upright 8-bit RGB (what `predict` feeds the model)."""
+    image, _ = open_image(path)
+    try:
+        return to_rgb(image)
+    except Exception as error:  # e.g. a colour space Pillow cannot map to RGB
+        raise ImageRejected(Path(path), f"cannot convert to RGB ({error})") from None
+    finally:
+        image.close()
+
+
+def _check_pixels(path: Path, image: Image.Image) -> None:
+    # Pillow's own check can be switched off by the warning filters of whoever calls us; ours cannot.
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise ImageRejected(path, f"too many pixels ({width}x{height} > {limit})")
+
+
+def _info(image: Image.Image) -> ImageInfo:
+    # The raw mode of the first tile is the only place Pillow keeps a 16-bit PNG's depth for RGB.
+    tile_mode = ""
+    if image.tile:
+        args = image.tile[0].args
+        tile_mode = args if isinstance(args, str) else (args[0] if args else "")
+    bits = 16 if "16" in str(tile_mode) or image.mode.startswith("I") else 8
+    orientation = image.getexif().get(ORIENTATION, 1)
+    return ImageInfo(
+        format=image.format or "unknown",
+        mode=image.mode,
+        size=image.size,
+        bits=bits,
+        orientation=orientation if isinstance(orientation, int) else 1,
+        transparency=image.has_transparency_data,
+    )
+
+
+def _sixteen_to_eight_bit(image: Image.Image) -> Image.Image:
+    # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them, which turns most pixels white.
+    values = np.asarray(image).astype(np.float64)
+    scaled = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)

@@ -1,0 +1,402 @@
+"""Tests of the `fetch` stage against a real HTTP server on 127.0.0.1 and local files."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))  # `pytest` alone (unlike `python -m pytest`) skips the cwd
+
+from stages import fetch as fetch_module  # noqa: E402
+from stages.common import PipelineError  # noqa: E402
+from stages.fetch import fetch, pack_directory, partial_path  # noqa: E402
+
+DATA = bytes(range(256)) * 400 + b"tail"  # 102 404 bytes, not a multiple of anything convenient
+HALF = len(DATA) // 2
+FAST = {"attempts": 3, "backoff_s": 0.01, "timeout_s": 5}
+
+Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+class Server:
+    """A local HTTP server whose GET behaviour each test sets, recording every request's headers."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []
+        self.handle: Handler = lambda request: send(request, DATA)
+        self.port = 0
+
+    def url(self, path: str = "/cats_and_dogs_filtered.zip") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def ranges(self) -> list[str | None]:
+        return [headers.get("Range") for headers in self.requests]
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    state = Server()
+
+    class RequestHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.requests.append(dict(self.headers.items()))
+            state.handle(self)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # keep test output quiet
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RequestHandler)
+    state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> dict[str, Path]:
+    return {"target": tmp_path / "data" / "raw" / "dataset.zip", "partial_dir": tmp_path / "downloads"}
+
+
+def send(request: http.server.BaseHTTPRequestHandler, body: bytes, status: int = 200, **headers: str) -> None:
+    request.send_response(status)
+    request.send_header("Content-Length", str(len(body)))
+    for name, value in headers.items():
+        request.send_header(name.replace("_", "-"), value)
+    request.end_headers()
+    request.wfile.write(body)
+
+
+def send_ranged(request: http.server.BaseHTTPRequestHandler, data: bytes = DATA) -> None:
+    """Serve `data`, honouring `Range: bytes=N-` the way a real server does."""
+    match = re.fullmatch(r"bytes=(\d+)-", request.headers.get("Range", ""))
+    if not match:
+        send(request, data)
+        return
+    start = int(match.group(1))
+    if start >= len(data):
+        send(request, b"", 416, Content_Range=f"bytes */{len(data)}")
+        return
+    send(request, data[start:], 206, Content_Range=f"bytes {start}-{len(data) - 1}/{len(data)}")
+
+
+def send_half_then_hang_up(request: http.server.BaseHTTPRequestHandler) -> None:
+    """Promise the whole file, send half, close the connection."""
+    request.send_response(200)
+    request.send_header("Content-Length", str(len(DATA)))
+    request.end_headers()
+    request.wfile.write(DATA[:HALF])
+    request.wfile.flush()
+    request.close_connection = True
+
+
+def run_fetch(server: Server, paths: dict[str, Path], sha256: str | None = None, **options: object) -> Path:
+    return fetch(server.url(), paths["target"], sha256, partial_dir=paths["partial_dir"], **{**FAST, **options})
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_one_line(error: pytest.ExceptionInfo[PipelineError]) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+
+
+def test_download_with_matching_sha256(server: Server, paths: dict[str, Path]) -> None:
+    result = run_fetch(server, paths, sha(DATA).upper())  # params allow upper-case hex
+    assert result == paths["target"]
+    assert result.read_bytes() == DATA
+    assert server.ranges() == [None]
+    assert not partial_path(server.url(), paths["partial_dir"]).exists()
+
+
+def test_sha256_mismatch_deletes_the_download(server: Server, paths: dict[str, Path]) -> None:
+    wrong = "0" * 64
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, wrong)
+    message = assert_one_line(error)
+    assert wrong in message and sha(DATA) in message
+    assert not paths["target"].exists()
+    assert not partial_path(server.url(), paths["partial_dir"]).exists()
+
+
+def test_404_is_one_line_and_not_retried(server: Server, paths: dict[str, Path]) -> None:
+    server.handle = lambda request: send(request, b"nope", 404)
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths)
+    message = assert_one_line(error)
+    assert "404" in message and server.url() in message and "data.url" in message
+    assert len(server.requests) == 1
+    assert not paths["target"].exists()
+
+
+def test_500_twice_then_success_is_retried_with_backoff(
+    server: Server, paths: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr(fetch_module.time, "sleep", sleeps.append)
+    server.handle = lambda request: (
+        send(request, b"oops", 500) if len(server.requests) <= 2 else send(request, DATA)
+    )
+    assert run_fetch(server, paths, sha(DATA)).read_bytes() == DATA
+    assert len(server.requests) == 3
+    assert sleeps == pytest.approx([0.01, 0.02])
+
+
+def test_500_forever_fails_after_all_attempts(server: Server, paths: dict[str, Path]) -> None:
+    server.handle = lambda request: send(request, b"oops", 500)
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, attempts=4)
+    message = assert_one_line(error)
+    assert "500" in message and server.url() in message and "4 attempts" in message
+    assert len(server.requests) == 4
+    assert not paths["target"].exists()
+
+
+def test_interrupted_download_resumes_with_range(server: Server, paths: dict[str, Path]) -> None:
+    server.handle = lambda request: (
+        send_half_then_hang_up(request) if len(server.requests) == 1 else send_ranged(request)
+    )
+    assert run_fetch(server, paths, sha(DATA)).read_bytes() == DATA
+    assert server.ranges() == [None, f"bytes={HALF}-"]
+
+
+def test_stalled_download_times_out_and_resumes(server: Server, paths: dict[str, Path]) -> None:
+    def stall_then_serve(request: http.server.BaseHTTPRequestHandler) -> None:
+        if len(server.requests) > 1:
+            send_ranged(request)
+            return
+        request.send_response(200)
+        request.send_header("Content-Length", str(len(DATA)))
+        request.end_headers()
+        request.wfile.write(DATA[:HALF])
+        time.sleep(0.6)  # longer than the client's timeout
+
+    server.handle = stall_then_serve
+    assert run_fetch(server, paths, timeout_s=0.2).read_bytes() == DATA
+    assert server.ranges() == [None, f"bytes={HALF}-"]
+
+
+def test_partial_from_an_earlier_run_is_resumed(server: Server, paths: dict[str, Path]) -> None:
+    partial = partial_path(server.url(), paths["partial_dir"])
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(DATA[:HALF])
+    server.handle = send_ranged
+    assert run_fetch(server, paths, sha(DATA)).read_bytes() == DATA
+    assert server.ranges() == [f"bytes={HALF}-"]
+    assert not partial.exists()
+
+
+def test_failed_run_keeps_the_partial_for_the_next_run(server: Server, paths: dict[str, Path]) -> None:
+    server.handle = send_half_then_hang_up
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, attempts=1)
+    assert "resume" in assert_one_line(error) and server.url() in str(error.value)
+    partial = partial_path(server.url(), paths["partial_dir"])
+    assert partial.read_bytes() == DATA[:HALF]
+    assert not paths["target"].exists()
+    server.handle = send_ranged
+    assert run_fetch(server, paths, sha(DATA)).read_bytes() == DATA
+    assert server.ranges() == [None, f"bytes={HALF}-"]
+
+
+def test_server_ignoring_range_starts_over(server: Server, paths: dict[str, Path]) -> None:
+    partial = partial_path(server.url(), paths["partial_dir"])
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x" * 1000)  # would corrupt the result if appended to
+    assert run_fetch(server, paths, sha(DATA)).read_bytes() == DATA
+    assert server.ranges() == ["bytes=1000-"]
+
+
+def test_416_with_a_complete_partial_needs_no_more_bytes(server: Server, paths: dict[str, Path]) -> None:
+    partial = partial_path(server.url(), paths["partial_dir"])
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(DATA)
+    server.handle = send_ranged
+    assert run_fetch(server, paths, sha(DATA)).read_bytes() == DATA
+    assert server.ranges() == [f"bytes={len(DATA)}-"]
+
+
+def test_416_with_an_oversized_partial_starts_over(server: Server, paths: dict[str, Path]) -> None:
+    partial = partial_path(server.url(), paths["partial_dir"])
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(DATA + b"garbage")
+    server.handle = send_ranged
+    assert run_fetch(server, paths, sha(DATA)).read_bytes() == DATA
+    assert server.ranges() == [f"bytes={len(DATA) + 7}-", None]
+
+
+def test_connection_refused_says_host_cannot_be_reached(paths: dict[str, Path]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/cats_and_dogs_filtered.zip"
+    with pytest.raises(PipelineError) as error:
+        fetch(url, paths["target"], None, partial_dir=paths["partial_dir"], **{**FAST, "attempts": 2})
+    message = assert_one_line(error)
+    assert "cannot be reached" in message and url in message
+    assert "data.url" in message and "file:///path/to/cats_and_dogs_filtered.zip" in message
+    assert not paths["target"].exists()
+
+
+# --- local sources -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def source_zip(tmp_path: Path) -> Path:
+    path = tmp_path / "source" / "my data.zip"  # a space, to exercise file:// quoting
+    path.parent.mkdir()
+    path.write_bytes(DATA)
+    return path
+
+
+def test_file_url_is_copied(source_zip: Path, paths: dict[str, Path]) -> None:
+    assert "%20" in source_zip.as_uri()
+    result = fetch(source_zip.as_uri(), paths["target"], sha(DATA), partial_dir=paths["partial_dir"])
+    assert result.read_bytes() == DATA
+
+
+def test_plain_relative_and_absolute_paths_are_copied(
+    source_zip: Path, paths: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert fetch("source/my data.zip", paths["target"], None).read_bytes() == DATA
+    paths["target"].unlink()
+    assert fetch(str(source_zip), paths["target"], None).read_bytes() == DATA
+    assert not (tmp_path / "data" / ".downloads").exists()  # local copies never use a partial
+
+
+def test_local_sha256_mismatch_leaves_no_output(source_zip: Path, paths: dict[str, Path]) -> None:
+    with pytest.raises(PipelineError) as error:
+        fetch(str(source_zip), paths["target"], "f" * 64)
+    assert "f" * 64 in assert_one_line(error) and sha(DATA) in str(error.value)
+    assert list(paths["target"].parent.iterdir()) == []
+
+
+def test_missing_local_file_is_one_line(tmp_path: Path, paths: dict[str, Path]) -> None:
+    missing = tmp_path / "nowhere.zip"
+    with pytest.raises(PipelineError) as error:
+        fetch(missing.as_uri(), paths["target"], None)
+    message = assert_one_line(error)
+    assert missing.as_uri() in message and "data.url" in message
+
+
+def test_unsupported_scheme_is_one_line(paths: dict[str, Path]) -> None:
+    with pytest.raises(PipelineError) as error:
+        fetch("ftp://example.com/x.zip", paths["target"], None)
+    assert "ftp://" in assert_one_line(error)
+
+
+def make_image_folder(root: Path) -> None:
+    files = {
+        "train/cats/cat.1.jpg": b"cat one",
+        "train/cats/cat.2.jpg": b"cat two",
+        "train/dogs/dog.1.jpg": b"dog",
+        "validation/cats/cat.3.jpg": b"cat three",
+        "validation/dogs/dog.2.jpg": b"dog two",
+        ".DS_Store": b"mac",
+        "train/.DS_Store": b"mac",
+        "train/cats/._cat.1.jpg": b"resource fork",
+        "__MACOSX/train/cats/._cat.1.jpg": b"resource fork",
+        ".git/config": b"vcs",
+    }
+    for name, body in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(body)
+    (root / "validation" / "empty").mkdir()
+
+
+def test_folder_is_packed_deterministically(tmp_path: Path, paths: dict[str, Path]) -> None:
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    first = fetch(str(folder), tmp_path / "first.zip", None)
+    # Different timestamps on disk must not change the archive.
+    for path in folder.rglob("*"):
+        os.utime(path, (1_700_000_000, 1_700_000_000))
+    second = fetch(folder.as_uri(), tmp_path / "second.zip", None)
+    assert first.read_bytes() == second.read_bytes()
+    with zipfile.ZipFile(first) as archive:
+        infos = archive.infolist()
+        assert [info.filename for info in infos] == [
+            "train/cats/cat.1.jpg",
+            "train/cats/cat.2.jpg",
+            "train/dogs/dog.1.jpg",
+            "validation/cats/cat.3.jpg",
+            "validation/dogs/dog.2.jpg",
+        ]
+        assert {info.date_time for info in infos} == {(1980, 1, 1, 0, 0, 0)}
+        assert {info.compress_type for info in infos} == {zipfile.ZIP_STORED}
+        assert archive.read("validation/cats/cat.3.jpg") == b"cat three"
+
+
+def test_empty_folder_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "images" / "__MACOSX").mkdir(parents=True)
+    (tmp_path / "images" / ".DS_Store").write_bytes(b"mac")
+    with pytest.raises(PipelineError) as error:
+        pack_directory(tmp_path / "images", tmp_path / "out.zip")
+    assert "no files" in assert_one_line(error)
+
+
+# --- the stage as DVC runs it --------------------------------------------------------------------
+
+
+def run_stage(workdir: Path, url: str) -> subprocess.CompletedProcess[str]:
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["data"]["url"] = url
+    params["data"]["sha256"] = None
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "stages.fetch"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_stage_writes_the_raw_archive(tmp_path: Path) -> None:
+    source = tmp_path / "tiny.zip"
+    with zipfile.ZipFile(source, "w") as archive:
+        archive.writestr("train/cats/cat.1.jpg", b"cat")
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    result = run_stage(workdir, source.as_uri())
+    assert result.returncode == 0, result.stderr
+    assert (workdir / "data" / "raw" / "dataset.zip").read_bytes() == source.read_bytes()
+    assert sha(source.read_bytes()) in result.stdout
+
+
+def test_stage_with_a_bad_url_prints_one_error_line(tmp_path: Path) -> None:
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    result = run_stage(workdir, (tmp_path / "missing.zip").as_uri())
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "missing.zip" in lines[0]
+    assert not (workdir / "data" / "raw" / "dataset.zip").exists()
