@@ -42,11 +42,14 @@ def summary(table: pd.DataFrame) -> dict[str, Any]:
 
 def markdown(table: pd.DataFrame) -> str:
     shown = table.copy()
-    shown["params"] = (shown["params"] / 1e6).round(1).astype(str) + " M"
+    for column in ("accuracy", "precision", "recall", "f1", "roc_auc", "loss"):
+        shown[column] = shown[column].map("{:.4f}".format)
+    shown["params"] = (shown["params"] / 1e6).map("{:.1f} M".format)
+    shown["images_per_second"] = shown["images_per_second"].map("{:.1f}".format)
     return (
         "# Backbone comparison\n\nTest split, ranked by accuracy. `images_per_second` is the feature "
         "extraction throughput of the frozen base on this machine.\n\n"
-        + shown.to_markdown(index=False, floatfmt=".4f")
+        + shown.to_markdown(index=False, disable_numparse=True)
         + "\n"
     )
 

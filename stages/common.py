@@ -57,6 +57,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=dot + suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(0o644)  # mkstemp creates 0600; outputs are ordinary files others may read
     try:
         yield tmp
         os.replace(tmp, target)

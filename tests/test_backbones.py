@@ -1,0 +1,45 @@
+"""The backbone registry: preprocessing as layers equals Keras' own preprocess_input; every default builds."""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from stages.backbones import REGISTRY, build_extractor, get_backbone, preprocessing_layers
+from stages.common import PipelineError
+from tests.conftest import tiny_backbones
+
+KERAS_PREPROCESS = {  # arch -> the module whose preprocess_input the registry must reproduce
+    "VGG16": "keras.applications.vgg16",
+    "ResNet50": "keras.applications.resnet50",
+    "InceptionV3": "keras.applications.inception_v3",
+    "MobileNetV2": "keras.applications.mobilenet_v2",
+    "DenseNet121": "keras.applications.densenet",
+    "EfficientNetB0": "efficientnet.tfkeras",
+}
+
+
+@pytest.mark.parametrize("arch", list(KERAS_PREPROCESS))
+def test_preprocessing_layers_match_keras_preprocess_input(arch: str) -> None:
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    expected = importlib.import_module(KERAS_PREPROCESS[arch]).preprocess_input(pixels.copy())
+    actual = pixels
+    for layer in preprocessing_layers(REGISTRY[arch].preprocessing):
+        actual = np.asarray(layer(actual))
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_arch_names_the_allowed_ones() -> None:
+    with pytest.raises(PipelineError, match=r"unknown arch 'AlexNet'; allowed: VGG16, VGG19"):
+        get_backbone("AlexNet")
+
+
+@pytest.mark.parametrize("key", list(tiny_backbones()))
+def test_every_default_backbone_builds_frozen_and_pooled(key: str) -> None:
+    spec = tiny_backbones()[key]
+    extractor, base = build_extractor(spec["arch"], spec["image_size"], None)
+    size = spec["image_size"]
+    features = np.asarray(extractor(np.zeros((2, size, size, 3), "float32"), training=False))
+    assert features.ndim == 2 and features.shape[0] == 2 and features.shape[1] >= 512
+    assert not base.trainable and extractor.trainable_weights == []

@@ -1,0 +1,97 @@
+"""params.yaml validation: every problem reported on its own line, naming the parameter."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.common import PipelineError
+from stages.params import load_params, resolve_weights, validate
+from tests.conftest import PROJECT_ROOT
+
+DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+
+
+def problems_with(**changes: object) -> list[str]:
+    params = copy.deepcopy(DEFAULTS)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = params
+        for part in parents:
+            node = node[part]
+        if value is KeyError:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return validate(params, PROJECT_ROOT)
+
+
+def test_the_shipped_params_are_valid() -> None:
+    assert validate(DEFAULTS, PROJECT_ROOT) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"backbones__vgg16__arch": "VGG17"}, "backbones.vgg16.arch: unknown arch 'VGG17'; allowed: VGG16"),
+        ({"backbones__inception__image_size": 50}, "backbones.inception.image_size: must be between 75 and 1024"),
+        ({"backbones__vgg16__image_size": "big"}, "backbones.vgg16.image_size: must be an integer"),
+        ({"backbones__vgg16__weights": "missing.weights.h5"}, "backbones.vgg16.weights: weights file missing.weights.h5 not found"),
+        ({"backbones__vgg16__weights": "noisy-student"}, "backbones.vgg16.weights: weights file noisy-student not found"),
+        ({"backbones__vgg16__pooling": "max"}, "backbones.vgg16.pooling: unknown parameter"),
+        ({"model": "alexnet"}, "model: 'alexnet' is not a backbone; valid: vgg16, inception"),
+        ({"data__val_fraction": 1.0}, "data.val_fraction: must be in (0.0, 1.0), got 1.0"),
+        ({"data__sha256": "abc"}, "data.sha256: must be null or 64 hex digits"),
+        ({"data__url": KeyError}, "data.url: missing"),
+        ({"train__dropout": -0.1}, "train.dropout: must be in [0.0, 1.0)"),
+        ({"train__epochs": 2.5}, "train.epochs: must be an integer, got 2.5"),
+        ({"train__epochs": True}, "train.epochs: must be an integer, got True"),
+        ({"augment__flip": "yes"}, "augment.flip: must be true or false"),
+        ({"seed": -1}, "seed: must be between 0"),
+        ({"colour": "blue"}, "colour: unknown parameter; allowed: data, seed"),
+    ],
+)
+def test_each_bad_value_gets_one_line_naming_it(change: dict, expected: str) -> None:
+    problems = problems_with(**change)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(expected), problems
+
+
+def test_noisy_student_is_allowed_for_efficientnet_only() -> None:
+    assert problems_with(backbones__effnet__weights="noisy-student") == []
+
+
+def test_reserved_backbone_names_are_refused() -> None:
+    params = copy.deepcopy(DEFAULTS)
+    params["backbones"]["summary"] = params["backbones"].pop("vgg16")
+    assert any(p.startswith("backbones.summary: a backbone name") for p in validate(params, PROJECT_ROOT))
+
+
+def test_load_params_lists_every_problem_and_names_the_file(tmp_path: Path) -> None:
+    params = copy.deepcopy(DEFAULTS)
+    params["train"]["dropout"] = 2
+    params["backbones"]["vgg16"]["arch"] = "VGG17"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError) as error:
+        load_params(path)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"{path} is invalid:"
+    assert len(lines) == 3 and all(str(path) in line for line in lines[1:])
+
+
+def test_unparsable_yaml_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(PipelineError, match=r"params.yaml is not valid YAML") as error:
+        load_params(path)
+    assert "\n" not in str(error.value)
+
+
+def test_weights_paths_resolve_against_the_project_root(tmp_path: Path) -> None:
+    (tmp_path / "w.weights.h5").write_bytes(b"")
+    assert resolve_weights("w.weights.h5", ("imagenet",), tmp_path) == str(tmp_path / "w.weights.h5")
+    assert resolve_weights("imagenet", ("imagenet",), tmp_path) == "imagenet"
+    assert resolve_weights(None, ("imagenet",), tmp_path) is None
