@@ -143,9 +143,16 @@ def preprocessing_layers(mode: str) -> list["keras.layers.Layer"]:
     raise ValueError(f"unknown preprocessing mode {mode!r}")
 
 
-def build_base(arch: str, image_size: int, weights: str | None) -> "keras.Model":
-    """The frozen, pooled backbone for `image_size` x `image_size` RGB inputs in backbone scale."""
+def build_base(arch: str, image_size: int, weights: str | None, seed: int = 0) -> "keras.Model":
+    """The frozen, pooled backbone for `image_size` x `image_size` RGB inputs in backbone scale.
+
+    Seeding right before construction makes a random initialisation (`weights: null`) the same in every
+    stage that builds it, so the head trained on `features` fits the base that `finetune` rebuilds.
+    """
+    import keras
+
     backbone = get_backbone(arch)
+    keras.utils.set_random_seed(seed)
     base = backbone.constructor(
         include_top=False,
         weights=weights,
@@ -156,12 +163,14 @@ def build_base(arch: str, image_size: int, weights: str | None) -> "keras.Model"
     return base
 
 
-def build_extractor(arch: str, image_size: int, weights: str | None) -> tuple["keras.Model", "keras.Model"]:
+def build_extractor(
+    arch: str, image_size: int, weights: str | None, seed: int = 0
+) -> tuple["keras.Model", "keras.Model"]:
     """(extractor, base): the extractor maps raw RGB pixels (0..255) of the given size to pooled features."""
     import keras
 
     backbone = get_backbone(arch)
-    base = build_base(arch, image_size, weights)
+    base = build_base(arch, image_size, weights, seed)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = inputs
     for layer in preprocessing_layers(backbone.preprocessing):

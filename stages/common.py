@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -54,6 +55,9 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Keep the full suffix (".keras", ".weights.h5"): Keras picks the file format from it.
     stem, dot, suffix = target.name.partition(".")
+    # A run killed with SIGKILL cannot clean up after itself; the next write of the same file does.
+    for stale in target.parent.glob(f".{stem}.tmp-*{dot}{suffix}"):
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=dot + suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -63,6 +67,24 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; it replaces `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: Path | str, text: str) -> None:

@@ -56,15 +56,27 @@ def decode_resized(path: "tf.Tensor", image_size: int) -> "tf.Tensor":
     return tf.ensure_shape(image, (image_size, image_size, 3))
 
 
-def image_dataset(paths: list[str], image_size: int, batch_size: int, labels: np.ndarray | None = None) -> "tf.data.Dataset":
-    """Batches of resized images (and labels), decoded in parallel, in manifest order."""
+def image_dataset(
+    paths: list[str],
+    image_size: int,
+    batch_size: int,
+    labels: np.ndarray | None = None,
+    shuffle_seed: int | None = None,
+) -> "tf.data.Dataset":
+    """Batches of resized images (and labels), decoded in parallel; in manifest order unless shuffled.
+
+    With `shuffle_seed` the order changes every epoch but is the same on every run.
+    """
     import tensorflow as tf
 
-    images = tf.data.Dataset.from_tensor_slices(paths).map(
-        lambda p: decode_resized(p, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
-    if labels is not None:
-        images = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(labels))
+    items = tf.data.Dataset.from_tensor_slices(paths if labels is None else (paths, labels))
+    if shuffle_seed is not None:
+        items = items.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if labels is None:
+        decode = lambda path: decode_resized(path, image_size)  # noqa: E731
+    else:
+        decode = lambda path, label: (decode_resized(path, image_size), label)  # noqa: E731
+    images = items.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -15,20 +15,27 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.backbones import build_extractor, get_backbone
-from stages.common import FEATURES_DIR, PipelineError, atomic_path, seed_everything, stage_main, write_json
+from stages.common import FEATURES_DIR, PipelineError, atomic_dir, seed_everything, stage_main, write_json
 from stages.datasets import SPLITS, augmentation_layers, image_dataset, read_manifest, split_rows
 from stages.params import load_params, resolve_weights
 
 
-def load_extractor(spec: dict[str, Any]) -> tuple[Any, int]:
+def load_extractor(key: str, spec: dict[str, Any], seed: int = 0) -> tuple[Any, int]:
     """(extractor, number of backbone parameters), with a clear error when the weights do not fit."""
     backbone = get_backbone(spec["arch"])
     weights = resolve_weights(spec["weights"], backbone.named_weights)
     try:
-        extractor, base = build_extractor(spec["arch"], spec["image_size"], weights)
-    except (ValueError, OSError) as error:
+        extractor, base = build_extractor(spec["arch"], spec["image_size"], weights, seed)
+    except Exception as error:  # Keras raises a bare Exception when a weights download fails
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PipelineError(f"cannot build {spec['arch']} with weights={spec['weights']!r}: {first_line}") from None
+        if weights in backbone.named_weights and "fetch failure" in first_line:
+            raise PipelineError(
+                f"cannot download the {weights} weights of {spec['arch']} ({first_line}); without internet, set "
+                f"backbones.{key}.weights to a local Keras weights file, or to null for random initialisation"
+            ) from None
+        raise PipelineError(
+            f"cannot build {spec['arch']} with backbones.{key}.weights={spec['weights']!r}: {first_line}"
+        ) from None
     return extractor, base.count_params()
 
 
@@ -65,7 +72,7 @@ def main(key: str) -> None:
     import tensorflow as tf
 
     manifest = read_manifest()
-    extractor, n_params = load_extractor(spec)
+    extractor, n_params = load_extractor(key, spec, params["seed"])
     # Calling the model inside tf.function skips model.predict's per-call overhead (up to 2x on CPU).
     plain = tf.function(lambda images: extractor(images, training=False))
     size, batch_size = spec["image_size"], params["features"]["batch_size"]
@@ -94,24 +101,22 @@ def main(key: str) -> None:
     arrays["y_train_aug"] = np.tile(train_rows["label_index"].to_numpy(), views)
     seconds = time.perf_counter() - started
 
-    out_dir = FEATURES_DIR / key
-    with atomic_path(out_dir / "features.npz") as tmp:
-        with tmp.open("wb") as file:
-            np.savez(file, **arrays)
-    write_json(
-        out_dir / "meta.json",
-        {
-            "backbone": key,
-            "arch": spec["arch"],
-            "image_size": size,
-            "weights": spec["weights"],
-            "feature_dim": int(arrays["x_train"].shape[1]),
-            "params": int(n_params),
-            "images": n_images,
-            "seconds": round(seconds, 2),
-            "images_per_second": round(n_images / seconds, 1),
-        },
-    )
+    with atomic_dir(FEATURES_DIR / key) as out_dir:
+        np.savez(out_dir / "features.npz", **arrays)
+        write_json(
+            out_dir / "meta.json",
+            {
+                "backbone": key,
+                "arch": spec["arch"],
+                "image_size": size,
+                "weights": spec["weights"],
+                "feature_dim": int(arrays["x_train"].shape[1]),
+                "params": int(n_params),
+                "images": n_images,
+                "seconds": round(seconds, 2),
+                "images_per_second": round(n_images / seconds, 1),
+            },
+        )
     print(f"{key}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.1f} images/s)", file=sys.stderr)
 
 

@@ -56,6 +56,29 @@ def _choice(*allowed: Any) -> Check:
     return check
 
 
+def _layers(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return None
+    return f"must be a layer count (0 or more) or the name of the first layer to train, got {value!r}"
+
+
+def _regression(value: Any) -> str | None:
+    """{metric: {max_drop: x, max_rise: y, ignore: bool}}, with a `default` rule for metrics not listed."""
+    if not isinstance(value, dict) or "default" not in value:
+        return "must map metric names to {max_drop, max_rise, ignore} and include `default`"
+    for metric, rule in value.items():
+        if not isinstance(rule, dict) or not rule or rule.keys() - {"max_drop", "max_rise", "ignore"}:
+            return f"{metric}: must be a mapping with max_drop, max_rise and/or ignore, got {rule!r}"
+        for key in ("max_drop", "max_rise"):
+            if key in rule and (isinstance(rule[key], bool) or not isinstance(rule[key], (int, float)) or rule[key] < 0):
+                return f"{metric}.{key}: must be a number 0 or more, got {rule[key]!r}"
+        if "ignore" in rule and not isinstance(rule["ignore"], bool):
+            return f"{metric}.ignore: must be true or false, got {rule['ignore']!r}"
+    return None
+
+
 def _url(value: Any) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return "must be an http(s):// or file:// URL or a local path"
@@ -97,6 +120,14 @@ SCHEMA: dict[str, Any] = {
         "hidden_units": _int(0, 65536),
         "patience": _int(0, 10000),
     },
+    "finetune": {
+        "unfreeze": _layers,
+        "epochs": _int(0, 10000),
+        "batch_size": _int(1, 4096),
+        "learning_rate": _float(0.0, 1.0, include_low=False),
+        "patience": _int(0, 10000),
+    },
+    "regression": _regression,
 }
 OPTIONAL_SECTIONS: set[str] = set()
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from stages.common import FEATURES_DIR, MODELS_DIR, METRICS_DIR, PipelineError, seed_everything, stage_main
+from stages.common import FEATURES_DIR, METRICS_DIR, MODELS_DIR, PipelineError, atomic_dir, seed_everything, stage_main
 from stages.datasets import read_classes
 from stages.models import build_head, loss_for, save_model
 from stages.params import load_params
@@ -52,24 +52,25 @@ def main(key: str) -> None:
         loss=loss_for(len(classes)),
         metrics=["accuracy"],
     )
-    # dvcyaml=None: the pipeline's dvc.yaml already declares these plots; dvclive must not rewrite it.
-    live = Live(str(METRICS_DIR / "train" / key), dvcyaml=None, save_dvc_exp=False)
-    history = head.fit(
-        x_train,
-        y_train,
-        validation_data=validation,
-        epochs=train["epochs"],
-        batch_size=train["batch_size"],
-        shuffle=True,
-        verbose=0,
-        callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=train["patience"], restore_best_weights=True
-            ),
-            DVCLiveCallback(live=live),
-        ],
-    )
-    save_model(head, MODELS_DIR / key / "head.keras")
+    with atomic_dir(METRICS_DIR / "train" / key) as log_dir:
+        # dvcyaml=None: the pipeline's dvc.yaml already declares these plots; dvclive must not rewrite it.
+        live = Live(str(log_dir), dvcyaml=None, save_dvc_exp=False)
+        history = head.fit(
+            x_train,
+            y_train,
+            validation_data=validation,
+            epochs=train["epochs"],
+            batch_size=train["batch_size"],
+            shuffle=True,
+            verbose=0,
+            callbacks=[
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=train["patience"], restore_best_weights=True
+                ),
+                DVCLiveCallback(live=live),
+            ],
+        )
+        save_model(head, MODELS_DIR / key / "head.keras")
     best = int(np.argmin(history.history["val_loss"]))
     print(
         f"{key}: {len(history.history['loss'])} epochs, best epoch {best + 1}: "

@@ -8,7 +8,7 @@ import pytest
 
 from stages.backbones import REGISTRY, build_extractor, get_backbone, preprocessing_layers
 from stages.common import PipelineError
-from tests.conftest import tiny_backbones
+from tests.helpers import tiny_backbones
 
 KERAS_PREPROCESS = {  # arch -> the module whose preprocess_input the registry must reproduce
     "VGG16": "keras.applications.vgg16",
@@ -43,3 +43,14 @@ def test_every_default_backbone_builds_frozen_and_pooled(key: str) -> None:
     features = np.asarray(extractor(np.zeros((2, size, size, 3), "float32"), training=False))
     assert features.ndim == 2 and features.shape[0] == 2 and features.shape[1] >= 512
     assert not base.trainable and extractor.trainable_weights == []
+
+
+def test_a_random_base_is_the_same_in_every_stage_that_builds_it() -> None:
+    """features and finetune each rebuild the base; with weights: null they must get the same one."""
+    from stages.backbones import build_base
+
+    first = build_base("MobileNetV2", 32, None, seed=5)
+    second = build_base("MobileNetV2", 32, None, seed=5)
+    other = build_base("MobileNetV2", 32, None, seed=6)
+    assert all(np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights()))
+    assert not all(np.array_equal(a, b) for a, b in zip(first.get_weights(), other.get_weights()))

@@ -9,7 +9,7 @@ import yaml
 
 from stages.common import PipelineError
 from stages.params import load_params, resolve_weights, validate
-from tests.conftest import PROJECT_ROOT
+from tests.helpers import PROJECT_ROOT
 
 DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 

@@ -9,11 +9,12 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import make_project, run, tiny_backbones
+from tests.helpers import make_project, run, tiny_backbones
 from tests.synthetic import write_dataset_zip
 
 METRIC_KEYS = {"accuracy", "precision", "recall", "f1", "roc_auc", "loss", "n_test", "params", "images_per_second"}
@@ -44,6 +45,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "features": {"batch_size": 16},
             "augment": {"views": 1},
             "train": {"epochs": 40, "patience": 5},
+            "model": "inception",
+            "finetune": {"unfreeze": 10, "epochs": 2, "batch_size": 16, "patience": 1},
         },
     )
     dvc(project, "repro")
@@ -65,12 +68,12 @@ def test_every_stage_writes_its_outputs(project: Path) -> None:
         assert len(json.loads((project / f"reports/evaluation/{key}/confusion.json").read_text())) == 30
         assert json.loads((project / f"reports/evaluation/{key}/roc.json").read_text())
     table = pd.read_csv(project / "reports/comparison.csv")
-    assert sorted(table["backbone"]) == sorted(keys)
+    assert sorted(table["backbone"]) == sorted([*keys, "model"])
     assert list(table["accuracy"]) == sorted(table["accuracy"], reverse=True)
     assert (project / "reports/comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| backbone" in (project / "reports/comparison.md").read_text()
     summary = json.loads((project / "metrics/summary.json").read_text())
-    assert summary["best"] == table["backbone"][0] and set(summary["backbones"]) == set(keys)
+    assert summary["best"] == table["backbone"][0] and set(summary["backbones"]) == {*keys, "model"}
 
 
 def test_separable_classes_are_learned(project: Path) -> None:
@@ -120,3 +123,71 @@ def test_same_inputs_give_the_same_metrics(project: Path) -> None:
     after = metric_files(project)
     assert before.keys() == after.keys()
     assert without_timing(before) == without_timing(after)
+
+
+def test_the_shipped_model_is_scored_and_ranked(project: Path) -> None:
+    labels = json.loads((project / "models/labels.json").read_text())
+    assert labels["classes"] == ["cats", "dogs"] and labels["backbone"] == "inception"
+    model_metrics = json.loads((project / "metrics/model.json").read_text())
+    assert METRIC_KEYS | {"backbone"} <= model_metrics.keys() and model_metrics["backbone"] == "inception"
+    frozen = json.loads((project / "metrics/inception.json").read_text())
+    assert model_metrics["n_test"] == 30
+    # Same base (seeded even when random), same head: fine-tuning starts from the frozen row and keeps
+    # the frozen weights unless validation improves, so it cannot fall far behind.
+    assert model_metrics["accuracy"] >= frozen["accuracy"] - 0.1
+    assert (project / "metrics/finetune/metrics.json").is_file()
+
+
+def test_shipped_model_loads_in_a_fresh_process_and_predicts(project: Path, tmp_path: Path) -> None:
+    """Plain keras.models.load_model, no project code: resizing and preprocessing live inside the model."""
+    script = (
+        "import sys, numpy as np, keras\n"
+        "model = keras.models.load_model('models/model.keras')\n"
+        "out = model.predict(np.full((1, 57, 91, 3), 128.0, 'float32'), verbose=0)\n"
+        "print(out.shape, float(out.min()), float(out.max()))\n"
+    )
+    result = run([sys.executable, "-c", script], project)
+    shape, low, high = result.stdout.split(")")[0] + ")", *map(float, result.stdout.split(")")[1].split())
+    assert shape == "(1, 1)" and 0.0 <= low <= high <= 1.0
+
+
+def test_predict_reports_each_file_and_goes_on(project: Path, tmp_path: Path) -> None:
+    from tests.synthetic import encode, synthetic_image
+
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for index, name in enumerate(["cats", "dogs"]):
+        (folder / f"{name}.png").write_bytes(encode(synthetic_image(index, rng, 64), "PNG"))
+    (folder / "corrupt.jpg").write_bytes(encode(synthetic_image(0, rng, 64))[:200])
+    (folder / "notes.jpg").write_text("not an image")
+    result = run([sys.executable, "-m", "stages.predict", str(folder), "--format", "json"], project, check=False)
+    assert result.returncode == 1, result.stderr
+    by_name = {Path(p["path"]).name: p for p in json.loads(result.stdout)}
+    assert set(by_name) == {"cats.png", "dogs.png", "corrupt.jpg", "notes.jpg"}
+    assert by_name["cats.png"]["label"] in ("cats", "dogs") and by_name["cats.png"]["error"] is None
+    assert 0.5 <= by_name["dogs.png"]["probability"] <= 1.0
+    assert by_name["corrupt.jpg"]["error"].startswith("truncated")
+    assert by_name["notes.jpg"]["error"].startswith("not an image")
+    assert "error: " + str(folder / "notes.jpg") in result.stderr
+    good = run([sys.executable, "-m", "stages.predict", str(folder / "cats.png"), str(folder / "dogs.png")], project)
+    lines = good.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[1] in ("cats", "dogs") for line in lines)
+    csv_out = run([sys.executable, "-m", "stages.predict", str(folder / "cats.png"), "--format", "csv"], project)
+    assert csv_out.stdout.splitlines()[0] == "path,label,probability,error"
+
+
+def test_predict_without_a_model_exits_2(project: Path, tmp_path: Path) -> None:
+    result = run([sys.executable, "-m", "stages.predict", "x.jpg", "--model", str(tmp_path / "none.keras")], project,
+                 check=False)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error:")
+
+
+def test_exp_run_with_another_model_reruns_only_the_shipping_stages(project: Path) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline results"], project)
+    result = dvc(project, "exp", "run", "-S", "model=resnet50")
+    assert stages_run(result.stdout) == {"finetune", "evaluate_model", "aggregate"}
+    assert json.loads((project / "metrics/model.json").read_text())["backbone"] == "resnet50"
+    diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
+    assert "metrics/model.json" in diff

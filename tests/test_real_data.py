@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DIR, make_project, run
+from tests.helpers import SHARED_DIR, make_project, run
 
 ZIP = SHARED_DIR / "data" / "cats_and_dogs_filtered.zip"
 ZIP_SHA256 = "8a359a969a9a1ec775f78cc4fc6768c6d385d96d6f2556712a0f89525e920a0b"

@@ -62,20 +62,23 @@ def write_evaluation(root: Path, key: str, accuracy: float, roc_auc: float) -> N
 
 def test_aggregate_ranks_by_accuracy_and_writes_every_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    params = {"backbones": {k: {"arch": a, "image_size": 32, "weights": None}
-                            for k, a in [("a", "VGG16"), ("b", "ResNet50"), ("c", "MobileNetV2")]}}
+    params = {"model": "c", "backbones": {k: {"arch": a, "image_size": 32, "weights": None}
+                                         for k, a in [("a", "VGG16"), ("b", "ResNet50"), ("c", "MobileNetV2")]}}
+    write_evaluation(tmp_path, "model", 0.95, 0.99)
     write_evaluation(tmp_path, "a", 0.90, 0.95)
     write_evaluation(tmp_path, "b", 0.97, 0.99)
     write_evaluation(tmp_path, "c", 0.97, 0.98)
     write_evaluation(tmp_path, "stale", 1.0, 1.0)  # a backbone no longer in params.yaml is left out
     table = aggregate.comparison_table(params)
-    assert list(table["backbone"]) == ["b", "c", "a"]  # ties broken by ROC AUC
+    assert list(table["backbone"]) == ["b", "c", "model", "a"]  # ties broken by ROC AUC
+    assert table.set_index("backbone").loc["model", "arch"] == "MobileNetV2 fine-tuned"
     summary = aggregate.summary(table)
-    assert summary["best"] == "b" and summary["best_accuracy"] == 0.97 and list(summary["backbones"]) == ["b", "c", "a"]
+    assert summary["best"] == "b" and summary["best_accuracy"] == 0.97
+    assert list(summary["backbones"]) == ["b", "c", "model", "a"]
     aggregate.chart(table, tmp_path / "reports" / "comparison.png")
     assert (tmp_path / "reports" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     markdown = aggregate.markdown(table)
-    assert markdown.count("\n| ") == 4 and "| b " in markdown.splitlines()[6]
+    assert markdown.count("\n| ") == 5 and "| b " in markdown.splitlines()[6]
 
 
 def test_aggregate_names_the_missing_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,4 +86,6 @@ def test_aggregate_names_the_missing_evaluation(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match=r"reports/evaluation/x/metrics.json is missing"):
-        aggregate.comparison_table({"backbones": {"x": {"arch": "VGG16", "image_size": 32, "weights": None}}})
+        aggregate.comparison_table(
+            {"model": "x", "backbones": {"x": {"arch": "VGG16", "image_size": 32, "weights": None}}}
+        )

@@ -1,0 +1,53 @@
+"""CI's metric gate: `python -m tests.ci_gate [--update]`.
+
+Runs the whole pipeline on a small committed configuration (tests/gate/params.yaml over a synthetic zip,
+randomly initialised backbones: fast and deterministic) in a throwaway repository whose HEAD holds the
+committed metrics (tests/gate/metrics/), then runs `python -m stages.check_metrics` against HEAD.
+A change that makes the model worse turns CI red. `--update` accepts the new metrics as the baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from tests.helpers import PROJECT_ROOT, make_project, run
+from tests.synthetic import write_dataset_zip
+
+GATE_DIR = PROJECT_ROOT / "tests" / "gate"
+BASELINE_DIR = GATE_DIR / "metrics"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.ci_gate", description=__doc__.splitlines()[0])
+    parser.add_argument("--update", action="store_true", help="write the new metrics to tests/gate/metrics/")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ci-gate-") as tmp:
+        root = Path(tmp)
+        overrides = yaml.safe_load((GATE_DIR / "params.yaml").read_text())
+        overrides["data"] = {"url": write_dataset_zip(root / "synthetic.zip", n_train=30, n_test=15).as_uri()}
+        project = make_project(root / "project", overrides)
+        if not args.update:
+            shutil.copytree(BASELINE_DIR, project / "metrics")
+            run(["git", "add", "-A"], project)
+            run(["git", "commit", "-qm", "committed baseline metrics"], project)
+        run([sys.executable, "-m", "dvc", "repro", "--quiet"], project)
+        if args.update:
+            shutil.rmtree(BASELINE_DIR, ignore_errors=True)
+            BASELINE_DIR.mkdir(parents=True)
+            for path in sorted((project / "metrics").glob("*.json")):
+                shutil.copy2(path, BASELINE_DIR / path.name)
+            print(f"baseline updated: {', '.join(p.name for p in sorted(BASELINE_DIR.iterdir()))}")
+            return 0
+        gate = run([sys.executable, "-m", "stages.check_metrics", "--baseline", "HEAD"], project, check=False)
+        print(gate.stdout, end="")
+        print(gate.stderr, end="", file=sys.stderr)
+        return gate.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

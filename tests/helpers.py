@@ -1,0 +1,65 @@
+"""Helpers for tests and the CI gate: throwaway git + DVC copies of the pipeline, and commands run in them."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Real data and weights beside the project (never copied into it); SHARED_DIR overrides the location.
+SHARED_DIR = Path(os.environ.get("SHARED_DIR", PROJECT_ROOT.parent / "shared"))
+PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml")
+
+
+def tiny_backbones() -> dict[str, dict[str, Any]]:
+    """Every default backbone, randomly initialised, at the smallest size its architecture accepts."""
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    return {
+        key: {"arch": spec["arch"], "image_size": 75 if spec["arch"] == "InceptionV3" else 32, "weights": None}
+        for key, spec in params["backbones"].items()
+    }
+
+
+def run(args: list[str], cwd: Path, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run a command with the project's virtualenv first on PATH, as `dvc repro` runs stages."""
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(cwd),
+        "DVC_NO_ANALYTICS": "1",
+    }
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_project(root: Path, overrides: dict[str, Any]) -> Path:
+    """A git + DVC repository holding a copy of the pipeline, with params.yaml sections replaced."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        source = PROJECT_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, root / name)
+    shutil.copy2(PROJECT_ROOT / ".gitignore", root / ".gitignore")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, value in overrides.items():
+        if isinstance(value, dict) and isinstance(params.get(section), dict) and section != "backbones":
+            params[section] = params[section] | value
+        else:
+            params[section] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "test@example.com"], root)
+    run(["git", "config", "user.name", "test"], root)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    run([sys.executable, "-m", "dvc", "config", "core.autostage", "false"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "pipeline"], root)
+    return root

@@ -1,0 +1,110 @@
+"""The regression gate on a real git + DVC repository: exit codes 0, 1 and 2 and the table's rows."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.check_metrics import judge
+from tests.helpers import make_project, run
+
+SCORES = {"accuracy": 0.98, "precision": 0.97, "recall": 0.99, "f1": 0.98, "roc_auc": 0.995, "loss": 0.06,
+          "n_test": 1000, "params": 14714688, "images_per_second": 15.2}
+
+
+def write_metrics(project: Path, name: str, **changes: object) -> None:
+    scores = {k: v for k, v in (SCORES | changes).items() if v is not None}
+    (project / "metrics").mkdir(exist_ok=True)
+    (project / "metrics" / f"{name}.json").write_text(json.dumps(scores))
+
+
+def gate(project: Path, *args: str):
+    return run([sys.executable, "-m", "stages.check_metrics", *args], project, check=False)
+
+
+def table_row(output: str, metric: str, backbone: str) -> list[str]:
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:2] == [metric, backbone]:
+            return cells
+    raise AssertionError(f"no row for {metric} of {backbone} in\n{output}")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    project = make_project(tmp_path / "project", {})
+    write_metrics(project, "vgg16")
+    write_metrics(project, "mobilenet", accuracy=0.99)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline metrics"], project)
+    return project
+
+
+def test_unchanged_metrics_pass(project: Path) -> None:
+    result = gate(project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert table_row(result.stdout, "accuracy", "vgg16")[2:] == ["0.9800", "0.9800", "+0.0000", "drop ≤ 0.01", "ok"]
+    assert "no regressions" in result.stdout
+
+
+def test_an_accuracy_drop_beyond_tolerance_fails_with_its_row(project: Path) -> None:
+    write_metrics(project, "vgg16", accuracy=0.95)
+    result = gate(project)
+    assert result.returncode == 1
+    assert table_row(result.stdout, "accuracy", "vgg16")[2:] == ["0.9800", "0.9500", "-0.0300", "drop ≤ 0.01", "**REGRESSED**"]
+    assert table_row(result.stdout, "accuracy", "mobilenet")[-1] == "ok"
+    assert "**1 regressed**" in result.stdout
+
+
+def test_a_drop_within_tolerance_and_ignored_timing_pass(project: Path) -> None:
+    write_metrics(project, "vgg16", accuracy=0.975, images_per_second=3.0)
+    result = gate(project)
+    assert result.returncode == 0, result.stdout
+    assert table_row(result.stdout, "images_per_second", "vgg16")[-1] == "ignored"
+
+
+def test_a_loss_rise_fails(project: Path) -> None:
+    write_metrics(project, "mobilenet", accuracy=0.99, loss=0.2)
+    result = gate(project)
+    assert result.returncode == 1
+    assert table_row(result.stdout, "loss", "mobilenet")[-2:] == ["rise ≤ 0.05", "**REGRESSED**"]
+
+
+def test_new_backbones_and_metrics_are_reported_not_failed(project: Path) -> None:
+    write_metrics(project, "vgg16", balanced_accuracy=0.97)
+    write_metrics(project, "resnet50")
+    dvc_yaml = project / "dvc.yaml"  # resnet50 is in params.yaml already, so its metrics file is declared
+    assert "${key}.json" in dvc_yaml.read_text()
+    result = gate(project)
+    assert result.returncode == 0, result.stdout
+    assert table_row(result.stdout, "accuracy", "resnet50")[2:] == ["–", "0.9800", "", "drop ≤ 0.01", "new"]
+    assert table_row(result.stdout, "balanced_accuracy", "vgg16")[-1] == "new"
+
+
+def test_a_metric_that_disappears_fails(project: Path) -> None:
+    write_metrics(project, "vgg16", roc_auc=None)
+    result = gate(project)
+    assert result.returncode == 1
+    assert table_row(result.stdout, "roc_auc", "vgg16")[-1] == "**MISSING**"
+
+
+def test_an_unknown_baseline_exits_2_with_one_line(project: Path) -> None:
+    result = gate(project, "--baseline", "no-such-ref")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "no-such-ref" in result.stderr and result.stderr.startswith("error: baseline")
+
+
+def test_a_baseline_without_metrics_exits_2(project: Path) -> None:
+    result = gate(project, "--baseline", "HEAD~1")
+    assert result.returncode == 2
+    assert "has no metrics" in result.stderr
+
+
+def test_judge_rules() -> None:
+    assert judge("loss", "x", 0.1, 0.12, {"max_rise": 0.05}).verdict == "ok"
+    assert judge("f1", "x", 0.9, 0.8, {"max_drop": 0.05}).verdict == "REGRESSED"
+    assert judge("f1", "x", 0.9, 0.95, {"max_drop": 0.05}).verdict == "ok"
+    assert judge("best", "summary", "vgg16", "mobilenet", {"max_drop": 0.01}).verdict == "changed"
