@@ -80,7 +80,7 @@ def open_image(path: Path) -> tuple[Image.Image, ImageInfo]:
         raise ImageRejected(path, "not an image") from None
     except Exception as error:  # decoders of untrusted files fail in many ways; each means "unusable"
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        kind = "truncated" if "truncated" in message or isinstance(error, EOFError) else "does not decode"
+        kind = "truncated" if "truncated" in message.lower() or isinstance(error, EOFError) else "does not decode"
         raise ImageRejected(path, f"{kind} ({message})") from None
     return image, info
 

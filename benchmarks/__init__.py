@@ -1,0 +1,1 @@
+"""Benchmarks: run by hand (`python -m benchmarks.benchmark`), not part of the test suite."""
