@@ -9,7 +9,8 @@ On the shared cats_and_dogs_filtered zip, in one run, it measures:
    tf.function on in-memory tensors) and against the machine's floating-point ceiling (a large matmul);
 3. wall time and peak memory (RSS) of every stage of the full pipeline, run stage by stage with DVC;
 4. the time of a no-op `dvc repro`.
-Writes reports/benchmark.json and the table between the benchmark markers in README.md.
+Writes reports/benchmark.json, the run's comparison table to reports/benchmark_comparison.md, and the
+speed table between the benchmark markers in README.md.
 """
 from __future__ import annotations
 
@@ -212,14 +213,15 @@ def main() -> None:
         stages = pipeline_stages(project)
         noop, _ = run_timed([sys.executable, "-m", "dvc", "repro"], project)
         print(f"no-op dvc repro: {noop:.1f} s", file=sys.stderr)
-        metrics = {k: json.loads((project / "metrics" / f"{k}.json").read_text()) for k in backbones}
+        metrics = {k: json.loads((project / "metrics" / f"{k}.json").read_text()) for k in [*backbones, "model"]}
+        comparison = (project / "reports" / "comparison.md").read_text()
         print("classic recipe:", file=sys.stderr)
         classic_seconds, classic_accuracy = classic_recipe(project, backbones[args.backbone])
     ours = sum(stages[f"{s}@{args.backbone}"]["seconds"] for s in ("features", "train", "evaluate"))
     flop_peak = matmul_gflops()
     throughput = {}
     for key, spec in backbones.items():
-        ceiling, gflops = raw_ceiling(spec)
+        ceiling, gflops = raw_ceiling(spec)  # random weights: the same arithmetic as ImageNet weights
         measured = metrics[key]["images_per_second"]
         throughput[key] = {"pipeline": measured, "ceiling": round(ceiling, 1),
                            "percent_of_ceiling": round(100 * measured / ceiling, 1), "gflops_per_image": round(gflops, 3),
@@ -236,8 +238,11 @@ def main() -> None:
         "stages": stages,
         "noop_repro_seconds": round(noop, 2),
         "accuracy": {k: m["accuracy"] for k, m in metrics.items()},
+        "weights": {k: "imagenet (offline file)" if spec["weights"] else "random (no offline weights)"
+                    for k, spec in backbones.items()},
     }
     (PROJECT_ROOT / "reports").mkdir(exist_ok=True)
+    (PROJECT_ROOT / "reports" / "benchmark_comparison.md").write_text(comparison)
     (PROJECT_ROOT / "reports" / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     readme = PROJECT_ROOT / "README.md"
     start, end = README_MARKERS

@@ -84,7 +84,8 @@ def judge(metric: str, backbone: str, old: Any, new: Any, rule: dict[str, Any]) 
         dropped = "max_drop" in rule and -change > rule["max_drop"] + 1e-12
         rose = "max_rise" in rule and change > rule["max_rise"] + 1e-12
         verdict = REGRESSED if dropped or rose else OK
-    return Row(metric, backbone, old, new, change, describe(rule), verdict)
+    allowed = describe(rule) if numeric or rule.get("ignore") else "–"
+    return Row(metric, backbone, old, new, change, allowed, verdict)
 
 
 def judge_all(diff: dict[str, dict[str, dict[str, Any]]], rules: dict[str, dict[str, Any]]) -> list[Row]:
