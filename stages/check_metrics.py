@@ -84,7 +84,7 @@ def judge(metric: str, backbone: str, old: Any, new: Any, rule: dict[str, Any]) 
         dropped = "max_drop" in rule and -change > rule["max_drop"] + 1e-12
         rose = "max_rise" in rule and change > rule["max_rise"] + 1e-12
         verdict = REGRESSED if dropped or rose else OK
-    allowed = describe(rule) if numeric or rule.get("ignore") else "–"
+    allowed = "–" if isinstance(old, str) or isinstance(new, str) else describe(rule)
     return Row(metric, backbone, old, new, change, allowed, verdict)
 
 
