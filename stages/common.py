@@ -22,6 +22,7 @@ FEATURES_DIR = Path("data/features")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
 EVALUATION_DIR = Path("reports/evaluation")
+TRAINING_PICTURES_DIR = Path("reports/training")
 
 
 class PipelineError(Exception):

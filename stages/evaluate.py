@@ -6,7 +6,6 @@ the confusion records, the ROC curve and per-image predictions for plots and the
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,8 @@ from stages.common import EVALUATION_DIR, FEATURES_DIR, METRICS_DIR, MODELS_DIR,
 from stages.datasets import read_classes, read_manifest, split_rows
 from stages.models import load_model
 from stages.params import load_params
-from stages.scoring import class_probabilities, classification_scores, confusion_records, roc_records
+from stages import pictures
+from stages.scoring import class_probabilities, classification_scores, confusion_matrix, confusion_records, roc_records
 from stages.train import load_features
 
 
@@ -27,8 +27,9 @@ def write_evaluation(
     y_pred = probabilities.argmax(axis=1)
     scores = classification_scores(y_true, probabilities) | extra
     out_dir = EVALUATION_DIR / name
+    roc = roc_records(y_true, probabilities, classes)
     write_json(out_dir / "confusion.json", confusion_records(y_true, y_pred, classes))
-    write_json(out_dir / "roc.json", roc_records(y_true, probabilities, classes))
+    write_json(out_dir / "roc.json", roc)
     predictions = pd.DataFrame(
         {
             "path": paths,
@@ -39,6 +40,11 @@ def write_evaluation(
     )
     with atomic_path(out_dir / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
+    title = name if name != "model" else f"shipped model ({extra.get('backbone')} fine-tuned)"
+    pictures.confusion_matrix(confusion_matrix(y_true, y_pred, len(classes)), classes, title, out_dir / "confusion.png")
+    pictures.roc_curves(roc, title, out_dir / "roc.png")
+    errors = predictions[predictions["actual"] != predictions["predicted"]].sort_values("probability", ascending=False)
+    pictures.misclassified_grid(errors.to_dict("records"), title, out_dir / "errors.png")
     write_json(out_dir / "metrics.json", scores)
     write_json(METRICS_DIR / f"{name}.json", scores)
     return scores

@@ -11,9 +11,12 @@ import sys
 from typing import Any
 
 from stages.backbones import build_base, get_backbone, preprocessing_layers
-from stages.common import METRICS_DIR, MODELS_DIR, PipelineError, atomic_dir, seed_everything, stage_main, write_json
+from stages import pictures
+from stages.common import (
+    METRICS_DIR, MODELS_DIR, TRAINING_PICTURES_DIR, PipelineError, atomic_dir, seed_everything, stage_main, write_json,
+)
 from stages.datasets import augmentation_layers, image_dataset, read_classes, read_manifest, split_rows
-from stages.models import load_model, loss_for, save_model
+from stages.models import class_weights, load_model, loss_for, save_model
 from stages.params import load_params, resolve_weights
 
 SHIPPED_MODEL = MODELS_DIR / "model.keras"
@@ -92,10 +95,13 @@ def main() -> None:
     frozen_loss, frozen_accuracy = model.evaluate(val_data, verbose=0)
     with atomic_dir(METRICS_DIR / "finetune") as log_dir:
         live = Live(str(log_dir), dvcyaml=None, save_dvc_exp=False)
-        model.fit(
+        history = model.fit(
             train_data,
             validation_data=val_data,
             epochs=tune["epochs"],
+            class_weight=class_weights(
+                train_rows["label_index"].to_numpy(), len(classes), params["train"]["class_weight"]
+            ),
             verbose=2,
             callbacks=[
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=tune["patience"], restore_best_weights=True),
@@ -113,6 +119,7 @@ def main() -> None:
             file=sys.stderr,
         )
         save_model(model, SHIPPED_MODEL)
+        pictures.training_curves(history.history, f"fine-tuning {key}", TRAINING_PICTURES_DIR / "model.png")
         write_json(SHIPPED_LABELS, {"backbone": key, "arch": spec["arch"], "image_size": size, "classes": classes})
 
 

@@ -37,6 +37,14 @@ def build_head(train_features: np.ndarray, n_classes: int, dropout: float, hidde
     return keras.Model(inputs, outputs, name="head")
 
 
+def class_weights(labels: np.ndarray, n_classes: int, mode: str | None) -> dict[int, float] | None:
+    """`balanced`: n / (n_classes * count) per class, so every class weighs the same in the loss."""
+    if mode is None:
+        return None
+    counts = np.bincount(labels, minlength=n_classes)
+    return {c: float(len(labels) / (n_classes * count)) for c, count in enumerate(counts) if count}
+
+
 def loss_for(n_classes: int) -> str:
     return "binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy"
 

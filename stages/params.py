@@ -119,6 +119,7 @@ SCHEMA: dict[str, Any] = {
         "dropout": _float(0.0, 1.0, include_high=False),
         "hidden_units": _int(0, 65536),
         "patience": _int(0, 10000),
+        "class_weight": _choice(None, "balanced"),
     },
     "finetune": {
         "unfreeze": _layers,

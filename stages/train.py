@@ -8,9 +8,12 @@ import sys
 
 import numpy as np
 
-from stages.common import FEATURES_DIR, METRICS_DIR, MODELS_DIR, PipelineError, atomic_dir, seed_everything, stage_main
+from stages import pictures
+from stages.common import (
+    FEATURES_DIR, METRICS_DIR, MODELS_DIR, TRAINING_PICTURES_DIR, PipelineError, atomic_dir, seed_everything, stage_main,
+)
 from stages.datasets import read_classes
-from stages.models import build_head, loss_for, save_model
+from stages.models import build_head, class_weights, loss_for, save_model
 from stages.params import load_params
 
 
@@ -62,6 +65,7 @@ def main(key: str) -> None:
             epochs=train["epochs"],
             batch_size=train["batch_size"],
             shuffle=True,
+            class_weight=class_weights(y_train, len(classes), train["class_weight"]),
             verbose=0,
             callbacks=[
                 keras.callbacks.EarlyStopping(
@@ -71,6 +75,7 @@ def main(key: str) -> None:
             ],
         )
         save_model(head, MODELS_DIR / key / "head.keras")
+    pictures.training_curves(history.history, f"{key}: head on cached features", TRAINING_PICTURES_DIR / f"{key}.png")
     best = int(np.argmin(history.history["val_loss"]))
     print(
         f"{key}: {len(history.history['loss'])} epochs, best epoch {best + 1}: "

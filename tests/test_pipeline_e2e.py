@@ -67,6 +67,9 @@ def test_every_stage_writes_its_outputs(project: Path) -> None:
         assert json.loads((project / f"metrics/train/{key}/metrics.json").read_text())["step"] >= 0
         assert len(json.loads((project / f"reports/evaluation/{key}/confusion.json").read_text())) == 30
         assert json.loads((project / f"reports/evaluation/{key}/roc.json").read_text())
+        for picture in ("confusion.png", "roc.png", "errors.png"):
+            assert (project / f"reports/evaluation/{key}/{picture}").read_bytes()[:4] == b"\x89PNG"
+        assert (project / f"reports/training/{key}.png").read_bytes()[:4] == b"\x89PNG"
     table = pd.read_csv(project / "reports/comparison.csv")
     assert sorted(table["backbone"]) == sorted([*keys, "model"])
     assert list(table["accuracy"]) == sorted(table["accuracy"], reverse=True)
@@ -97,6 +100,7 @@ def test_dvc_metrics_and_plots_list_every_backbone(project: Path) -> None:
         assert f"metrics/train/{key}/plots/metrics" in plots
         assert f"reports/evaluation/{key}/confusion.json" in plots
         assert f"reports/evaluation/{key}/roc.json" in plots
+        assert f"reports/evaluation/{key}/errors.png" in plots
 
 
 def stages_run(output: str) -> set[str]:
