@@ -10,12 +10,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from stages.backbones import build_base, get_backbone, preprocessing_layers
 from stages import pictures
+from stages.backbones import build_base, get_backbone, preprocessing_layers
 from stages.common import (
     METRICS_DIR, MODELS_DIR, TRAINING_PICTURES_DIR, PipelineError, atomic_dir, seed_everything, stage_main, write_json,
 )
 from stages.datasets import augmentation_layers, image_dataset, read_classes, read_manifest, split_rows
+from stages.distribute import configure_devices, strategy_for
 from stages.models import class_weights, load_model, loss_for, save_model
 from stages.params import load_params, resolve_weights
 
@@ -68,6 +69,7 @@ def main() -> None:
     params = load_params()
     key, tune, seed = params["model"], params["finetune"], params["seed"]
     spec = params["backbones"][key]
+    configure_devices(params["distribute"])
     seed_everything(seed)
     import keras
     from dvclive import Live
@@ -75,9 +77,11 @@ def main() -> None:
 
     classes = read_classes()
     manifest = read_manifest()
-    head = load_model(MODELS_DIR / key / "head.keras")
-    model, base = ship_model(key, spec, head, params["augment"], seed)
-    unfrozen = unfreeze_top(base, tune["unfreeze"])
+    strategy = strategy_for(params["distribute"])
+    with strategy.scope():
+        head = load_model(MODELS_DIR / key / "head.keras")
+        model, base = ship_model(key, spec, head, params["augment"], seed)
+        unfrozen = unfreeze_top(base, tune["unfreeze"])
 
     size, batch_size = spec["image_size"], tune["batch_size"]
     train_rows, val_rows = split_rows(manifest, "train"), split_rows(manifest, "val")
@@ -86,11 +90,12 @@ def main() -> None:
     )
     val_data = image_dataset(list(val_rows["path"]), size, batch_size, val_rows["label_index"].to_numpy())
 
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=tune["learning_rate"]),
-        loss=loss_for(len(classes)),
-        metrics=["accuracy"],
-    )
+    with strategy.scope():
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=tune["learning_rate"]),
+            loss=loss_for(len(classes)),
+            metrics=["accuracy"],
+        )
     frozen_weights = model.get_weights()
     frozen_loss, frozen_accuracy = model.evaluate(val_data, verbose=0)
     with atomic_dir(METRICS_DIR / "finetune") as log_dir:

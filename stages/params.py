@@ -128,6 +128,7 @@ SCHEMA: dict[str, Any] = {
         "learning_rate": _float(0.0, 1.0, include_low=False),
         "patience": _int(0, 10000),
     },
+    "distribute": {"strategy": _choice("none", "mirrored", "multi_worker"), "cpu_replicas": _int(1, 64)},
     "regression": _regression,
 }
 OPTIONAL_SECTIONS: set[str] = set()

@@ -13,6 +13,7 @@ from stages.common import (
     FEATURES_DIR, METRICS_DIR, MODELS_DIR, TRAINING_PICTURES_DIR, PipelineError, atomic_dir, seed_everything, stage_main,
 )
 from stages.datasets import read_classes
+from stages.distribute import configure_devices, strategy_for
 from stages.models import build_head, class_weights, loss_for, save_model
 from stages.params import load_params
 
@@ -39,6 +40,7 @@ def training_arrays(features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nda
 def main(key: str) -> None:
     params = load_params()
     train = params["train"]
+    configure_devices(params["distribute"])
     seed_everything(params["seed"])
     import keras
     from dvclive import Live
@@ -49,12 +51,16 @@ def main(key: str) -> None:
     x_train, y_train = training_arrays(features)
     validation = (features["x_val"].astype(np.float32), features["y_val"])
 
-    head = build_head(x_train, len(classes), train["dropout"], train["hidden_units"])
-    head.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=train["learning_rate"]),
-        loss=loss_for(len(classes)),
-        metrics=["accuracy"],
-    )
+    strategy = strategy_for(params["distribute"])
+    print(f"{key}: training under {params['distribute']['strategy']} on {strategy.num_replicas_in_sync} "
+          "replica(s)", file=sys.stderr)
+    with strategy.scope():
+        head = build_head(x_train, len(classes), train["dropout"], train["hidden_units"])
+        head.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=train["learning_rate"]),
+            loss=loss_for(len(classes)),
+            metrics=["accuracy"],
+        )
     with atomic_dir(METRICS_DIR / "train" / key) as log_dir:
         # dvcyaml=None: the pipeline's dvc.yaml already declares these plots; dvclive must not rewrite it.
         live = Live(str(log_dir), dvcyaml=None, save_dvc_exp=False)

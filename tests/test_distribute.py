@@ -1,0 +1,66 @@
+"""train@<backbone> under distribute.strategy: mirrored over two logical CPU devices matches `none`."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stages.common import PipelineError
+from stages.distribute import strategy_for
+from tests.helpers import PROJECT_ROOT, run
+
+
+def separable(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0, 1, (n, 32))
+    x[:, :4] += np.where(y[:, None] == 1, 1.0, -1.0)
+    return x.astype(np.float16), y
+
+
+def features_project(root: Path, strategy: str) -> Path:
+    """Just what train@toy reads: params.yaml, classes.json and cached features."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 400), ("val", 100), ("test", 400)):
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = separable(n, rng)
+    arrays["x_train_aug"], arrays["y_train_aug"] = np.zeros((0, 32), np.float16), np.zeros(0, np.int64)
+    (root / "data/features/toy").mkdir(parents=True)
+    np.savez(root / "data/features/toy/features.npz", **arrays)
+    (root / "data/prepared").mkdir(parents=True)
+    (root / "data/prepared/classes.json").write_text(json.dumps(["a", "b"]))
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["distribute"]["strategy"] = strategy
+    params["train"]["epochs"] = 30
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(PROJECT_ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_mirrored_on_two_cpus_gives_the_accuracy_of_none(tmp_path: Path) -> None:
+    accuracies = {}
+    for strategy in ("none", "mirrored"):
+        project = features_project(tmp_path / strategy, strategy)
+        result = run([sys.executable, "-m", "stages.train", "toy"], project)
+        replicas = 2 if strategy == "mirrored" else 1
+        assert f"training under {strategy} on {replicas} replica(s)" in result.stderr
+        script = (
+            "import numpy as np, keras\n"
+            "head = keras.models.load_model('models/toy/head.keras')\n"
+            "data = np.load('data/features/toy/features.npz')\n"
+            "p = head.predict(data['x_test'].astype('float32'), verbose=0)[:, 0]\n"
+            "print(float(np.mean((p > 0.5) == data['y_test'])))\n"
+        )
+        accuracies[strategy] = float(run([sys.executable, "-c", script], project).stdout.split()[-1])
+    assert accuracies["none"] > 0.9
+    assert abs(accuracies["mirrored"] - accuracies["none"]) <= 0.02, accuracies
+
+
+def test_multi_worker_without_tf_config_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(PipelineError, match=r"multi_worker but TF_CONFIG is not set"):
+        strategy_for({"strategy": "multi_worker", "cpu_replicas": 2})
