@@ -72,18 +72,25 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; it replaces `target` only if the block succeeds."""
+    """Yield a temporary folder beside `target`; it replaces `target` only if the block succeeds.
+
+    Folders that a killed earlier run left beside `target` are removed first, and the swap is two
+    renames, so at no moment does `target` hold a mix of old and new files.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; the output should read like any other folder
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -8,27 +8,23 @@ Writes data/prepared/ (built in a temporary sibling folder and renamed into plac
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import io
-import json
 import os
 import re
-import shutil
 import stat
-import tempfile
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from stages.common import PREPARED_DIR, RAW_ARCHIVE, PipelineError, stage_main
+from stages.common import PREPARED_DIR, RAW_ARCHIVE, PipelineError, atomic_dir, stage_main, write_json
 from stages.images import ImageRejected, is_tf_ready, open_image, set_pixel_limit, to_rgb
 from stages.params import load_params
 
@@ -91,8 +87,7 @@ def prepare(archive: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
     """
     archive, out_dir = Path(archive), Path(out_dir)
     set_pixel_limit(settings.max_image_pixels)
-    remove_leftovers(out_dir)
-    with building(out_dir) as build:
+    with atomic_dir(out_dir) as build:
         images = build / "images"
         ignored = extract_archive(archive, images, settings.max_extract_bytes)
         layout = find_layout(images, archive)
@@ -113,42 +108,6 @@ def prepare(archive: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
 def public_path(path: Path, images: Path, out_dir: Path) -> str:
     """Where `path` (inside the build folder) will be once the build folder is renamed to `out_dir`."""
     return (out_dir / "images" / path.relative_to(images)).as_posix()
-
-
-# --- the output folder ---------------------------------------------------------------------------
-
-
-def remove_leftovers(out_dir: Path) -> None:
-    """Delete build folders that a killed earlier run left beside `out_dir`."""
-    if out_dir.parent.is_dir():
-        for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
-            for leftover in out_dir.parent.glob(pattern):
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def building(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty folder beside `out_dir` that replaces `out_dir` only if the block succeeds."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield build
-        os.chmod(build, 0o755)  # mkdtemp makes it private; the output should read like any other folder
-        replace_folder(build, out_dir)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-
-
-def replace_folder(new: Path, target: Path) -> None:
-    # Two renames: at no moment does `target` hold a mix of old and new files.
-    old = new.with_name(new.name.replace(".tmp-", ".old-"))
-    if target.exists():
-        os.rename(target, old)
-    os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# --- unpacking ----------------------------------------------------------------------------------
 
 
 def extract_archive(archive: Path, target: Path, max_bytes: int) -> int:
@@ -430,10 +389,6 @@ def write_manifest(path: Path, rows: list[tuple[Path, str, str]], public: Callab
     writer.writerow(["path", "label", "split"])
     writer.writerows((public(image), label, split) for image, label, split in rows)
     path.write_text(buffer.getvalue(), encoding="utf-8")
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def build_report(
