@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from stages import pictures
 from stages.common import EVALUATION_DIR, METRICS_DIR, atomic_path, read_json, stage_main, write_json, write_text
 from stages.params import load_params
 
@@ -62,12 +63,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def chart(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; the PNG opens anywhere
-    import matplotlib.pyplot as plt
-
-    fig, (acc_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 0.6 * len(table) + 1.8))
+    fig, (acc_ax, speed_ax) = pictures.pyplot().subplots(1, 2, figsize=(11, 0.6 * len(table) + 1.8))
     names = table["backbone"][::-1]
     acc_ax.barh(names, table["accuracy"][::-1], color="tab:blue")
     acc_ax.set_xlim(max(0.0, float(table["accuracy"].min()) - 0.05), 1.0)
@@ -77,10 +73,7 @@ def chart(table: pd.DataFrame, path: Path) -> None:
     speed_ax.barh(names, table["images_per_second"][::-1], color="tab:orange")
     speed_ax.set_xlabel("feature extraction, images/s")
     fig.suptitle("Frozen ImageNet backbones, ranked by test accuracy")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    pictures.save_png(fig, path, dpi=100)
 
 
 @stage_main

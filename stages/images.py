@@ -108,17 +108,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open, check and decode `path` and return it as upright 8-bit RGB (what `predict` feeds the model)."""
-    image, _ = open_image(path)
-    try:
-        return to_rgb(image)
-    except Exception as error:  # e.g. a colour space Pillow cannot map to RGB
-        raise ImageRejected(Path(path), f"cannot convert to RGB ({error})") from None
-    finally:
-        image.close()
-
-
 def _check_pixels(path: Path, image: Image.Image) -> None:
     # Pillow's own check can be switched off by the warning filters of whoever calls us; ours cannot.
     limit = Image.MAX_IMAGE_PIXELS

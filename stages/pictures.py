@@ -12,7 +12,7 @@ from stages.common import atomic_path
 MAX_ERRORS_SHOWN = 24
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -21,17 +21,17 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
-    plt = _pyplot()
+def save_png(fig: Any, path: Path, dpi: int = 90) -> None:
+    plt = pyplot()
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
 
 
 def training_curves(history: dict[str, list[float]], title: str, path: Path) -> None:
     """Loss and accuracy per epoch, training and validation."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for prefix, label in (("", "train"), ("val_", "validation")):
@@ -41,11 +41,11 @@ def training_curves(history: dict[str, list[float]], title: str, path: Path) -> 
         ax.set_ylabel(metric)
         ax.legend()
     fig.suptitle(title)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def confusion_matrix(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     size = 2.5 + 0.6 * len(classes)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
@@ -56,11 +56,11 @@ def confusion_matrix(matrix: np.ndarray, classes: list[str], title: str, path: P
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
     ax.set_title(title)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def roc_curves(records: list[dict[str, Any]], title: str, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     for name in dict.fromkeys(r["class"] for r in records):
         points = [r for r in records if r["class"] == name]
@@ -70,14 +70,14 @@ def roc_curves(records: list[dict[str, Any]], title: str, path: Path) -> None:
     ax.set_ylabel("true positive rate")
     ax.legend(title="positive class", fontsize=8)
     ax.set_title(title)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def misclassified_grid(errors: list[dict[str, Any]], title: str, path: Path) -> None:
     """Up to MAX_ERRORS_SHOWN wrongly classified images with their true and predicted classes."""
     from PIL import Image
 
-    plt = _pyplot()
+    plt = pyplot()
     shown = errors[:MAX_ERRORS_SHOWN]
     columns = 6
     rows = max(1, -(-len(shown) // columns))
@@ -92,4 +92,4 @@ def misclassified_grid(errors: list[dict[str, Any]], title: str, path: Path) -> 
     fig.suptitle(f"{title}: {len(errors)} wrong" + (f", first {len(shown)} shown" if len(errors) > len(shown) else ""))
     if not errors:
         axes.flat[0].text(0.5, 0.5, "no test image misclassified", ha="center", va="center")
-    _save(fig, path)
+    save_png(fig, path)

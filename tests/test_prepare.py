@@ -23,7 +23,7 @@ from PIL import Image
 
 from stages import prepare as prepare_module
 from stages.common import PREPARED_DIR, RAW_ARCHIVE, PipelineError
-from stages.images import ImageRejected, load_rgb, open_image
+from stages.images import ImageRejected, open_image
 from stages.prepare import Settings, carve, copy_limited, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -447,10 +447,13 @@ def test_conversions_keep_the_picture(odd_run):
     assert "16-bit" in froms["rgb16.png.png"] and froms["cmyk.jpg.png"].startswith("JPEG CMYK")
 
 
-def test_load_rgb_for_predict(tmp_path):
+def test_read_pixels_for_predict(tmp_path):
+    from stages.predict import read_pixels
+
     cmyk = tmp_path / "cmyk.jpg"
     cmyk.write_bytes(image_bytes("JPEG", "CMYK"))
-    assert load_rgb(cmyk).mode == "RGB"
+    pixels = read_pixels(cmyk)
+    assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == "float32"  # converted to RGB
     text = tmp_path / "photo.jpg"
     text.write_text("hello")
     with pytest.raises(ImageRejected, match=r"photo\.jpg: not an image") as error:
