@@ -143,37 +143,54 @@ def preprocessing_layers(mode: str) -> list["keras.layers.Layer"]:
     raise ValueError(f"unknown preprocessing mode {mode!r}")
 
 
-def build_base(arch: str, image_size: int, weights: str | None, seed: int = 0) -> "keras.Model":
+PRECISIONS = ("float32", "bfloat16")
+
+
+def build_base(
+    arch: str, image_size: int, weights: str | None, seed: int = 0, precision: str = "float32"
+) -> "keras.Model":
     """The frozen, pooled backbone for `image_size` x `image_size` RGB inputs in backbone scale.
 
     Seeding right before construction makes a random initialisation (`weights: null`) the same in every
     stage that builds it, so the head trained on `features` fits the base that `finetune` rebuilds.
+    `precision: bfloat16` computes in bfloat16 (Keras' mixed_bfloat16 policy: weights stay float32).
     """
     import keras
 
     backbone = get_backbone(arch)
     keras.utils.set_random_seed(seed)
-    base = backbone.constructor(
-        include_top=False,
-        weights=weights,
-        input_shape=(image_size, image_size, 3),
-        pooling=backbone.pooling,
-    )
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        base = backbone.constructor(
+            include_top=False,
+            weights=weights,
+            input_shape=(image_size, image_size, 3),
+            pooling=backbone.pooling,
+        )
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
     base.trainable = False
     return base
 
 
 def build_extractor(
-    arch: str, image_size: int, weights: str | None, seed: int = 0
+    arch: str, image_size: int, weights: str | None, seed: int = 0, precision: str = "float32"
 ) -> tuple["keras.Model", "keras.Model"]:
-    """(extractor, base): the extractor maps raw RGB pixels (0..255) of the given size to pooled features."""
+    """(extractor, base): the extractor maps raw RGB pixels (0..255) of the given size to float32 pooled features.
+
+    Preprocessing stays in float32 whatever the precision: bfloat16 keeps only 8 bits of each pixel's offset
+    from the channel mean, the base's first convolution casts anyway.
+    """
     import keras
 
     backbone = get_backbone(arch)
-    base = build_base(arch, image_size, weights, seed)
+    base = build_base(arch, image_size, weights, seed, precision)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = inputs
     for layer in preprocessing_layers(backbone.preprocessing):
         x = layer(x)
     features = base(x, training=False)
+    if features.dtype != "float32":
+        features = keras.layers.Activation("linear", dtype="float32", name="features_float32")(features)
     return keras.Model(inputs, features, name=f"{arch}_extractor"), base

@@ -62,10 +62,12 @@ def image_dataset(
     batch_size: int,
     labels: np.ndarray | None = None,
     shuffle_seed: int | None = None,
+    prefetch: bool = True,
 ) -> "tf.data.Dataset":
     """Batches of resized images (and labels), decoded in parallel; in manifest order unless shuffled.
 
-    With `shuffle_seed` the order changes every epoch but is the same on every run.
+    With `shuffle_seed` the order changes every epoch but is the same on every run. Without `prefetch`,
+    the next batch is decoded only when asked for (the parallel map still runs a few images ahead).
     """
     import tensorflow as tf
 
@@ -77,7 +79,8 @@ def image_dataset(
     else:
         decode = lambda path, label: (decode_resized(path, image_size), label)  # noqa: E731
     images = items.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    batches = images.batch(batch_size)
+    return batches.prefetch(tf.data.AUTOTUNE) if prefetch else batches
 
 
 def augmentation_layers(augment: dict[str, Any], seed: int) -> "keras.Sequential":

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import yaml
 
-from stages.backbones import REGISTRY
+from stages.backbones import PRECISIONS, REGISTRY
 from stages.common import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
@@ -103,7 +103,7 @@ SCHEMA: dict[str, Any] = {
     "seed": _int(0, 2**31 - 1),
     "model": None,  # checked against the backbone keys
     "backbones": None,  # checked by _check_backbones
-    "features": {"batch_size": _int(1, 1024)},
+    "features": {"batch_size": _int(1, 1024), "precision": _choice(*PRECISIONS)},
     "augment": {
         "views": _int(0, 20),
         "flip": _bool,
@@ -168,8 +168,10 @@ def _check_backbones(backbones: Any, root: Path, problems: list[str]) -> None:
         if not isinstance(spec, dict):
             problems.append(f"{name}: must be a mapping with keys arch, image_size, weights")
             continue
-        for unknown in spec.keys() - {"arch", "image_size", "weights"}:
-            problems.append(f"{name}.{unknown}: unknown parameter; allowed: arch, image_size, weights")
+        for unknown in spec.keys() - {"arch", "image_size", "weights", "precision"}:
+            problems.append(f"{name}.{unknown}: unknown parameter; allowed: arch, image_size, weights, precision")
+        if "precision" in spec and (problem := _choice(*PRECISIONS)(spec["precision"])):
+            problems.append(f"{name}.precision: {problem}")
         arch = spec.get("arch")
         backbone = REGISTRY.get(arch) if isinstance(arch, str) else None
         if backbone is None:
@@ -220,6 +222,11 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     if problems:
         raise PipelineError(f"{path} is invalid:\n" + "\n".join(f"  {path}: {p}" for p in problems))
     return params
+
+
+def extraction_precision(params: dict[str, Any], key: str) -> str:
+    """`backbones.<key>.precision` where set, else `features.precision`."""
+    return params["backbones"][key].get("precision", params["features"]["precision"])
 
 
 def resolve_weights(weights: str | None, named: tuple[str, ...], root: Path = Path(".")) -> str | None:

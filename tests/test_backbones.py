@@ -54,3 +54,20 @@ def test_a_random_base_is_the_same_in_every_stage_that_builds_it() -> None:
     other = build_base("MobileNetV2", 32, None, seed=6)
     assert all(np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights()))
     assert not all(np.array_equal(a, b) for a, b in zip(first.get_weights(), other.get_weights()))
+
+
+def test_bfloat16_extraction_computes_in_bfloat16_and_returns_float32() -> None:
+    import keras
+
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+    full, _ = build_extractor("ResNet50", 64, None, seed=1)
+    half, half_base = build_extractor("ResNet50", 64, None, seed=1, precision="bfloat16")
+    assert keras.config.dtype_policy().name == "float32", "the global policy must be restored after the build"
+    convolution = next(layer for layer in half_base.layers if isinstance(layer, keras.layers.Conv2D))
+    assert (convolution.compute_dtype, convolution.variable_dtype) == ("bfloat16", "float32")
+    assert half.get_layer("preprocess_caffe").compute_dtype == "float32"
+    expected = np.asarray(full(pixels, training=False))
+    actual = half(pixels, training=False)
+    assert actual.dtype == "float32"
+    relative_error = np.abs(np.asarray(actual) - expected).mean() / np.abs(expected).mean()
+    assert 0 < relative_error < 0.05, relative_error

@@ -1,4 +1,4 @@
-"""Feature extraction: compact storage, and one-line errors when a backbone's weights cannot be had."""
+"""Feature extraction: chunked decoding keeps order, compact storage, one-line errors about weights."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from stages.common import PipelineError
-from stages.features import compact, load_extractor
+from stages.features import bfloat16_notice, chunk_size, compact, extract, load_extractor, traced
 
 
 def test_real_scale_features_are_stored_as_float16() -> None:
@@ -64,3 +64,37 @@ def test_a_weights_file_saved_by_the_user_is_loaded(tmp_path: Path) -> None:
 
     expected = reference.predict(preprocess_input(pixels.copy()), verbose=0)
     np.testing.assert_allclose(extractor.predict(pixels, verbose=0), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_hold_whole_batches_and_bounded_memory() -> None:
+    assert chunk_size(32, 224) == 256  # 8 batches of 224 x 224 float32 pixels: 154 MB
+    assert chunk_size(32, 456) == 96  # 456 px images (EfficientNetB5): 3 batches stay under 256 MB
+    assert chunk_size(64, 1024) == 64  # never less than one batch
+
+
+def test_extraction_keeps_the_order_of_the_paths_across_chunks_and_batches(tmp_path: Path) -> None:
+    import tensorflow as tf
+    from PIL import Image
+
+    grey_levels = list(range(5, 255, 7))[:35]  # 35 images: 2 chunks of 16 (batch 2) and 3 left over
+    paths = []
+    for i, level in enumerate(grey_levels):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (20, 12), (level, level, level)).save(paths[-1])
+    mean_colour = traced(lambda images: tf.reduce_mean(images, axis=[1, 2]), 8)
+    assert chunk_size(2, 8) == 16
+    features = extract(mean_colour, paths, 8, 2, "test")
+    np.testing.assert_allclose(features, np.repeat(np.array(grey_levels, "float32")[:, None], 3, axis=1), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("flags", "warned"), [("fpu avx512f avx512_bf16 fma", False), ("fpu amx_bf16 amx_tile", False), ("fpu avx2 fma", True)]
+)
+def test_bfloat16_on_a_cpu_without_bfloat16_arithmetic_gets_a_notice(tmp_path: Path, flags: str, warned: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    notice = bfloat16_notice("bfloat16", cpuinfo)
+    assert (notice is not None) == warned
+    assert bfloat16_notice("float32", cpuinfo) is None
+    if warned:
+        assert "features.precision: float32" in notice and "\n" not in notice

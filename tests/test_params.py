@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from stages.common import PipelineError
-from stages.params import load_params, resolve_weights, validate
+from stages.params import extraction_precision, load_params, resolve_weights, validate
 from tests.helpers import PROJECT_ROOT
 
 DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
@@ -49,6 +49,9 @@ def test_the_shipped_params_are_valid() -> None:
         ({"train__epochs": 2.5}, "train.epochs: must be an integer, got 2.5"),
         ({"train__epochs": True}, "train.epochs: must be an integer, got True"),
         ({"augment__flip": "yes"}, "augment.flip: must be true or false"),
+        ({"features__precision": "float16"}, "features.precision: must be one of float32, bfloat16, got 'float16'"),
+        ({"features__precision": KeyError}, "features.precision: missing"),
+        ({"backbones__vgg16__precision": "half"}, "backbones.vgg16.precision: must be one of float32, bfloat16"),
         ({"seed": -1}, "seed: must be between 0"),
         ({"colour": "blue"}, "colour: unknown parameter; allowed: data, seed"),
     ],
@@ -95,3 +98,13 @@ def test_weights_paths_resolve_against_the_project_root(tmp_path: Path) -> None:
     assert resolve_weights("w.weights.h5", ("imagenet",), tmp_path) == str(tmp_path / "w.weights.h5")
     assert resolve_weights("imagenet", ("imagenet",), tmp_path) == "imagenet"
     assert resolve_weights(None, ("imagenet",), tmp_path) is None
+
+
+def test_a_backbone_precision_overrides_the_features_precision() -> None:
+    params = copy.deepcopy(DEFAULTS)
+    params["features"]["precision"] = "bfloat16"
+    params["backbones"]["vgg16"]["precision"] = "float32"
+    params["backbones"]["inception"].pop("precision", None)
+    assert validate(params, PROJECT_ROOT) == []
+    assert extraction_precision(params, "vgg16") == "float32"
+    assert extraction_precision(params, "inception") == "bfloat16"

@@ -1,0 +1,51 @@
+"""The classic tutorial recipe, for comparison: `python -m benchmarks.classic BACKBONE_KEY [--epochs 10]`.
+
+Run in a pipeline project after `dvc repro prepare`. On the same splits as the pipeline, it trains a new head
+on the frozen base with augmentation on the fly, so every image goes through the base again in every step of
+every epoch (the tutorial's RMSprop, 1e-4, dropout 0.2, batch 32), then prints the test accuracy as JSON.
+The benchmark times the whole process, Python and TensorFlow start-up included, as it times the stages.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from stages.backbones import build_extractor, get_backbone
+from stages.common import seed_everything
+from stages.datasets import augmentation_layers, image_dataset, read_manifest, split_rows
+from stages.params import load_params, resolve_weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.classic")
+    parser.add_argument("backbone", help="a key of params.yaml backbones")
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args()
+    params = load_params()
+    seed_everything(params["seed"])
+    import keras
+
+    spec = params["backbones"][args.backbone]
+    size = spec["image_size"]
+    extractor, _ = build_extractor(spec["arch"], size, resolve_weights(spec["weights"], get_backbone(spec["arch"]).named_weights))
+    inputs = keras.Input((size, size, 3))
+    x = augmentation_layers(params["augment"], params["seed"])(inputs)
+    x = extractor(x, training=False)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.RMSprop(1e-4), loss="binary_crossentropy", metrics=["accuracy"])
+
+    manifest = read_manifest()
+    batches = {}
+    for split in ("train", "val", "test"):
+        rows = split_rows(manifest, split)
+        shuffle_seed = params["seed"] if split == "train" else None
+        batches[split] = image_dataset(list(rows["path"]), size, 32, rows["label_index"].to_numpy(), shuffle_seed)
+    model.fit(batches["train"], validation_data=batches["val"], epochs=args.epochs, verbose=0)
+    _, accuracy = model.evaluate(batches["test"], verbose=0)
+    print(json.dumps({"backbone": args.backbone, "epochs": args.epochs, "accuracy": round(float(accuracy), 4)}))
+
+
+if __name__ == "__main__":
+    main()
