@@ -179,8 +179,8 @@ def build_extractor(
 ) -> tuple["keras.Model", "keras.Model"]:
     """(extractor, base): the extractor maps raw RGB pixels (0..255) of the given size to float32 pooled features.
 
-    Preprocessing stays in float32 whatever the precision: bfloat16 keeps only 8 bits of each pixel's offset
-    from the channel mean, the base's first convolution casts anyway.
+    Preprocessing stays float32 whatever the precision, so pixels are scaled and centred before the base's
+    first layer rounds them to bfloat16's 8 significant bits.
     """
     import keras
 
