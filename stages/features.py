@@ -18,6 +18,7 @@ from tqdm import tqdm
 from stages.backbones import build_extractor, get_backbone
 from stages.common import FEATURES_DIR, PipelineError, atomic_dir, seed_everything, stage_main, write_json
 from stages.datasets import SPLITS, augmentation_layers, image_dataset, read_manifest, split_rows
+from stages.models import inference_function
 from stages.params import extraction_precision, load_params, resolve_weights
 
 
@@ -54,17 +55,17 @@ def bfloat16_notice(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> st
             "than float32; consider features.precision: float32")
 
 
-def traced(forward: Callable[[Any], Any], image_size: int) -> Callable[[Any], Any]:
-    """`forward` (images -> features) as a tf.function, traced once for any batch size.
+def traced(function: Callable[[Any], Any], image_size: int) -> Callable[[Any], Any]:
+    """`function` (images -> tensor) as a tf.function traced once for any batch size, variables kept live.
 
-    Calling the model inside tf.function skips model.predict's per-call overhead (up to 2x on CPU), and the
-    signature keeps a short last batch from tracing (and optimising) the whole graph again.
+    For the augmentation, whose random layers keep their seed state in variables; the frozen base goes
+    through models.inference_function instead, which turns its weights into constants.
     """
     import tensorflow as tf
 
-    function = tf.function(forward, input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
-    function.get_concrete_function()
-    return function
+    compiled = tf.function(function, input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
+    compiled.get_concrete_function()
+    return compiled
 
 
 def chunk_size(batch_size: int, image_size: int, max_bytes: int = 256 * 2**20) -> int:
@@ -123,7 +124,7 @@ def main(key: str) -> None:
     manifest = read_manifest()
     extractor, n_params = load_extractor(key, spec, params["seed"], precision)
     size, batch_size = spec["image_size"], params["features"]["batch_size"]
-    plain = traced(lambda images: extractor(images, training=False), size)
+    plain = inference_function(lambda images: extractor(images, training=False), (None, size, size, 3))
 
     # One pass over every split, in SPLITS order, then cut back into splits.
     rows = {split: split_rows(manifest, split) for split in SPLITS}
@@ -140,8 +141,10 @@ def main(key: str) -> None:
     train_paths = list(rows["train"]["path"])
     if views:
         augmenter = augmentation_layers(params["augment"], params["seed"])
-        augmented = traced(lambda images: extractor(augmenter(images, training=True), training=False), size)
-        arrays["x_train_aug"] = compact(extract(augmented, train_paths * views, size, batch_size, f"{key} {views} views"))
+        augment = traced(lambda images: augmenter(images, training=True), size)
+        arrays["x_train_aug"] = compact(
+            extract(lambda images: plain(augment(images)), train_paths * views, size, batch_size, f"{key} {views} views")
+        )
         n_images += views * len(train_paths)
     else:
         arrays["x_train_aug"] = np.zeros((0, arrays["x_train"].shape[1]), arrays["x_train"].dtype)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -67,3 +67,25 @@ def load_model(path: Path | str) -> "keras.Model":
         return keras.models.load_model(path)
     except (ValueError, OSError) as error:
         raise PipelineError(f"{path} cannot be loaded ({str(error).splitlines()[0]}); rerun dvc repro") from None
+
+
+def inference_function(forward: Callable[[Any], Any], input_shape: tuple[int | None, ...]) -> Callable[[Any], Any]:
+    """`forward` (float32 batch -> one tensor) compiled once for inference, with the weights as constants.
+
+    Inside tf.function the model skips model.predict's per-call overhead (up to 2x on CPU), and a signature
+    with free dimensions keeps a short last batch or a new image size from tracing the graph again. With the
+    variables turned into constants, TensorFlow's graph optimiser folds what depends only on the weights and
+    fuses convolution, batch norm and activation into single oneDNN kernels: same outputs, 1.6x faster for
+    MobileNetV2, 1.3x EfficientNetB0, 1.1x InceptionV3 and ResNet50, 1.0x VGG16 on this 2-core CPU. The
+    function therefore never sees later changes to the weights, and random layers would repeat one draw:
+    inference only.
+    """
+    import tensorflow as tf
+    # The public tf.compat.v1 freezing works on v1 sessions only; this is its TF2 form, stable since TF 2.2.
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    # A model call needs no AutoGraph, which cannot even parse a lambda that shares its line with another.
+    traced = tf.function(forward, input_signature=[tf.TensorSpec(input_shape, tf.float32)], autograph=False)
+    constant = convert_variables_to_constants_v2(traced.get_concrete_function())
+    # The converted function keeps only the flat signature, which takes tensors, not arrays.
+    return lambda inputs: constant(tf.convert_to_tensor(inputs, tf.float32))[0]

@@ -19,7 +19,7 @@ import numpy as np
 
 from stages.common import PipelineError, read_json
 from stages.images import ImageRejected, is_tf_ready, open_image, to_rgb
-from stages.models import load_model
+from stages.models import inference_function, load_model
 
 DEFAULT_MODEL = Path("models/model.keras")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -56,15 +56,12 @@ def load_classifier(model_path: Path) -> tuple[Any, list[str]]:
 
 
 def classifier_function(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """One image (H, W, 3) -> class probabilities; tf.function with a free image shape, traced once."""
+    """One image (H, W, 3) -> class probabilities, compiled once for any image size."""
     import tensorflow as tf
 
     from stages.scoring import class_probabilities
 
-    @tf.function(input_signature=[tf.TensorSpec((None, None, 3), tf.float32)])
-    def forward(image: tf.Tensor) -> tf.Tensor:
-        return model(image[tf.newaxis], training=False)
-
+    forward = inference_function(lambda image: model(image[tf.newaxis], training=False), (None, None, 3))
     return lambda image: class_probabilities(forward(image).numpy())[0]
 
 

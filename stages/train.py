@@ -13,7 +13,7 @@ from stages import pictures
 from stages.common import (
     FEATURES_DIR, METRICS_DIR, MODELS_DIR, TRAINING_PICTURES_DIR, PipelineError, atomic_dir, seed_everything, stage_main,
 )
-from stages.datasets import read_classes
+from stages.datasets import array_batches, read_classes
 from stages.distribute import configure_devices, strategy_for
 from stages.models import build_head, class_weights, loss_for, save_model
 from stages.params import load_params
@@ -50,7 +50,7 @@ def main(key: str) -> None:
     classes = read_classes()
     features = load_features(key)
     x_train, y_train = training_arrays(features)
-    validation = (features["x_val"].astype(np.float32), features["y_val"])
+    validation = array_batches(features["x_val"].astype(np.float32), features["y_val"], train["batch_size"])
 
     strategy = strategy_for(params["distribute"])
     print(f"{key}: training under {params['distribute']['strategy']} on {strategy.num_replicas_in_sync} "
@@ -68,12 +68,9 @@ def main(key: str) -> None:
         # dvcyaml=None: the pipeline's dvc.yaml already declares these plots; dvclive must not rewrite it.
         live = Live(str(log_dir), dvcyaml=None, save_dvc_exp=False)
         history = head.fit(
-            x_train,
-            y_train,
+            array_batches(x_train, y_train, train["batch_size"], shuffle_seed=params["seed"]),
             validation_data=validation,
             epochs=train["epochs"],
-            batch_size=train["batch_size"],
-            shuffle=True,
             class_weight=class_weights(y_train, len(classes), train["class_weight"]),
             verbose=0,
             callbacks=[

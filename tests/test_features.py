@@ -1,4 +1,5 @@
-"""Feature extraction: chunked decoding keeps order, compact storage, one-line errors about weights."""
+"""Feature extraction: constant-weight forward pass, chunked decoding keeps order, compact storage, one-line
+errors about weights."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,31 @@ import numpy as np
 import pytest
 
 from stages.common import PipelineError
+from stages.backbones import PRECISIONS, build_extractor
 from stages.features import bfloat16_notice, chunk_size, compact, extract, load_extractor, traced
+from stages.models import inference_function
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_constant_weight_forward_pass_gives_the_keras_models_features(precision: str) -> None:
+    # Batch norm with trained statistics, so that folding it into the convolutions would show.
+    extractor, base = build_extractor("MobileNetV2", 32, None, seed=3, precision=precision)
+    rng = np.random.default_rng(0)
+    for layer in base.layers:
+        if layer.__class__.__name__ == "BatchNormalization":
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 2, gamma.shape), rng.normal(0, 0.5, beta.shape),
+                               rng.normal(0, 0.5, mean.shape), rng.uniform(0.5, 2, variance.shape)])
+    forward = inference_function(lambda images: extractor(images, training=False), (None, 32, 32, 3))
+    pixels = rng.uniform(0, 255, (5, 32, 32, 3)).astype("float32")
+    expected = np.asarray(extractor(pixels, training=False))
+    tolerance = 1e-4 if precision == "float32" else 2e-2
+    scale = float(np.abs(expected).max())
+    assert scale > 0
+    for batch in (pixels, pixels[:2]):  # a short last batch takes the same compiled function
+        features = forward(batch)
+        assert features.dtype == "float32" and features.shape == (len(batch), 1280)
+        np.testing.assert_allclose(features.numpy(), expected[: len(batch)], atol=tolerance * scale)
 
 
 def test_real_scale_features_are_stored_as_float16() -> None:
