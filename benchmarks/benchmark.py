@@ -325,7 +325,6 @@ def main() -> None:
         classic_seconds, _, classic_out = run_timed([sys.executable, "-m", "benchmarks.classic", args.backbone], project)
         classic_accuracy = json.loads(classic_out.strip().splitlines()[-1])["accuracy"]
         print(f"  {classic_seconds:.1f} s, accuracy {classic_accuracy}", file=sys.stderr)
-        measured = in_process_measurements(project, backbones, batch_size)
 
         real = [k for k in keys if backbones[k]["weights"]]
         print(f"the other precision for {', '.join(real)}:", file=sys.stderr)
@@ -339,6 +338,8 @@ def main() -> None:
                 next(p for p in PRECISIONS if p != configured[key]): {
                     "accuracy": other["accuracy"], "features_seconds": flipped[f"features@{key}"]["seconds"]},
             }
+        # Last: a child's peak RSS starts from this process's size at fork, which the in-process part inflates.
+        measured = in_process_measurements(project, backbones, batch_size)
     ours = sum(stages[f"{s}@{args.backbone}"]["seconds"] for s in ("features", "train", "evaluate"))
     write_report({
         "machine": f"{os.cpu_count()} CPU cores",
