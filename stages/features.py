@@ -81,7 +81,7 @@ def extract(
 
     On CPU the images are decoded a chunk at a time and then the model runs over the chunk: decoding
     beside the model makes the two fight for the same cores and stalls the model's threads (on 2 cores:
-    61-89% of the raw forward-pass throughput that way, 88-99% this way). With a GPU, decoding the next
+    61-89% of the raw forward-pass throughput that way, 89-99% this way). With a GPU, decoding the next
     chunk overlaps the model.
     """
     import tensorflow as tf
