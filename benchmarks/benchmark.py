@@ -35,8 +35,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from stages.backbones import PRECISIONS, build_extractor  # noqa: E402
-from stages.features import extract, traced  # noqa: E402
-from stages.models import inference_function  # noqa: E402
+from stages.features import base_forward, extract, traced  # noqa: E402
 from tests.helpers import make_project  # noqa: E402
 
 SHARED_WEIGHTS = {"VGG16": "vgg16_imagenet_notop.weights.h5", "MobileNetV2": "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"}
@@ -154,7 +153,7 @@ def extraction_against_ceiling(
     size = spec["image_size"]
     extractor, _ = build_extractor(spec["arch"], size, spec["weights"], 0, precision)
     keras_model = traced(lambda images: extractor(images, training=False), size)
-    forward = inference_function(lambda images: extractor(images, training=False), (None, size, size, 3))
+    forward = base_forward(extractor, size)
     in_memory = tf.random.uniform((batch_size, size, size, 3), 0, 255)
 
     def in_memory_run(function: Callable[[Any], Any]) -> Callable[[], None]:
@@ -246,7 +245,7 @@ def readme_table(report: dict[str, Any]) -> str:
         *throughput,
         "",
         "Extraction is the features stage's own code: decode the files, then the base with its weights as "
-        "constants (`stages.models.inference_function`). The raw ceiling is the faster of the two in-memory "
+        "constants (`stages.features.base_forward`). The raw ceiling is the faster of the two in-memory "
         "forward passes over one batch: the bare Keras model in tf.function, and the same constant-weight "
         "function. Images/s are the fastest of three alternating runs each, so that a stall of this shared "
         "machine counts against no side. Above 100% of the matmul peak, the convolution kernels beat "

@@ -68,6 +68,11 @@ def traced(function: Callable[[Any], Any], image_size: int) -> Callable[[Any], A
     return compiled
 
 
+def base_forward(extractor: Any, image_size: int) -> Callable[[Any], Any]:
+    """The extractor's forward pass as the stage runs it: weights as constants (models.inference_function)."""
+    return inference_function(lambda images: extractor(images, training=False), (None, image_size, image_size, 3))
+
+
 def chunk_size(batch_size: int, image_size: int, max_bytes: int = 256 * 2**20) -> int:
     """Images to decode at a time: up to 8 batches, at most `max_bytes` of float32 pixels."""
     batches = max_bytes // (batch_size * image_size * image_size * 3 * 4)
@@ -124,7 +129,7 @@ def main(key: str) -> None:
     manifest = read_manifest()
     extractor, n_params = load_extractor(key, spec, params["seed"], precision)
     size, batch_size = spec["image_size"], params["features"]["batch_size"]
-    plain = inference_function(lambda images: extractor(images, training=False), (None, size, size, 3))
+    plain = base_forward(extractor, size)
 
     # One pass over every split, in SPLITS order, then cut back into splits.
     rows = {split: split_rows(manifest, split) for split in SPLITS}
