@@ -3,6 +3,8 @@
 Run in a pipeline project after `dvc repro prepare`. On the same splits as the pipeline, it trains a new head
 on the frozen base with augmentation on the fly, so every image goes through the base again in every step of
 every epoch (the tutorial's RMSprop, 1e-4, dropout 0.2, batch 32), then prints the test accuracy as JSON.
+It decodes through the pipeline's own `stages.datasets.image_dataset`, so that the two differ only in how
+often each image goes through the base; `--autotune` uses tf.data's autotuner as the keras.io examples do.
 The benchmark times the whole process, Python and TensorFlow start-up included, as it times the stages.
 """
 from __future__ import annotations
@@ -20,6 +22,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.classic")
     parser.add_argument("backbone", help="a key of params.yaml backbones")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--autotune", action="store_true",
+                        help="decode with tf.data's AUTOTUNE, as the keras.io examples do, instead of the pipeline's settings")
     args = parser.parse_args()
     params = load_params()
     seed_everything(params["seed"])
@@ -41,7 +45,9 @@ def main() -> None:
     for split in ("train", "val", "test"):
         rows = split_rows(manifest, split)
         shuffle_seed = params["seed"] if split == "train" else None
-        batches[split] = image_dataset(list(rows["path"]), size, 32, rows["label_index"].to_numpy(), shuffle_seed)
+        batches[split] = image_dataset(
+            list(rows["path"]), size, 32, rows["label_index"].to_numpy(), shuffle_seed, args.autotune or None
+        )
     model.fit(batches["train"], validation_data=batches["val"], epochs=args.epochs, verbose=0)
     _, accuracy = model.evaluate(batches["test"], verbose=0)
     print(json.dumps({"backbone": args.backbone, "epochs": args.epochs, "accuracy": round(float(accuracy), 4)}))

@@ -1,4 +1,4 @@
-"""Feature extraction: constant-weight forward pass, chunked decoding keeps order, compact storage, one-line
+"""Feature extraction: constant-weight forward pass, decoding keeps order, compact storage, one-line
 errors about weights."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from stages.common import PipelineError
 from stages.backbones import PRECISIONS, build_extractor
-from stages.features import bfloat16_notice, chunk_size, compact, extract, load_extractor, traced
+from stages.features import bfloat16_notice, compact, extract, load_extractor, traced
 from stages.models import inference_function
 
 
@@ -91,23 +91,16 @@ def test_a_weights_file_saved_by_the_user_is_loaded(tmp_path: Path) -> None:
     np.testing.assert_allclose(extractor.predict(pixels, verbose=0), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_chunks_hold_whole_batches_and_bounded_memory() -> None:
-    assert chunk_size(32, 224) == 256  # 8 batches of 224 x 224 float32 pixels: 154 MB
-    assert chunk_size(32, 456) == 96  # 456 px images (EfficientNetB5): 3 batches stay under 256 MB
-    assert chunk_size(64, 1024) == 64  # never less than one batch
-
-
-def test_extraction_keeps_the_order_of_the_paths_across_chunks_and_batches(tmp_path: Path) -> None:
+def test_extraction_keeps_the_order_of_the_paths_across_batches(tmp_path: Path) -> None:
     import tensorflow as tf
     from PIL import Image
 
-    grey_levels = list(range(5, 255, 7))[:35]  # 35 images: 2 chunks of 16 (batch 2) and 3 left over
+    grey_levels = list(range(5, 255, 7))[:35]  # 35 images: 17 batches of 2 and a short one
     paths = []
     for i, level in enumerate(grey_levels):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.new("RGB", (20, 12), (level, level, level)).save(paths[-1])
     mean_colour = traced(lambda images: tf.reduce_mean(images, axis=[1, 2]), 8)
-    assert chunk_size(2, 8) == 16
     features = extract(mean_colour, paths, 8, 2, "test")
     np.testing.assert_allclose(features, np.repeat(np.array(grey_levels, "float32")[:, None], 3, axis=1), atol=1e-3)
 
