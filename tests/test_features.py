@@ -1,8 +1,9 @@
-"""Feature extraction: constant-weight forward pass, decoding keeps order, compact storage, one-line
-errors about weights."""
+"""Feature extraction: constant-weight forward pass, decoding keeps order with or without the tf.data autotuner,
+compact storage, one-line errors about weights."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,18 +92,46 @@ def test_a_weights_file_saved_by_the_user_is_loaded(tmp_path: Path) -> None:
     np.testing.assert_allclose(extractor.predict(pixels, verbose=0), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_extraction_keeps_the_order_of_the_paths_across_batches(tmp_path: Path) -> None:
-    import tensorflow as tf
+def grey_pngs(folder: Path, levels: list[int]) -> list[str]:
+    """One small PNG per grey level, each a different size so that every one is resized."""
     from PIL import Image
 
-    grey_levels = list(range(5, 255, 7))[:35]  # 35 images: 17 batches of 2 and a short one
     paths = []
-    for i, level in enumerate(grey_levels):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.new("RGB", (20, 12), (level, level, level)).save(paths[-1])
+    for i, level in enumerate(levels):
+        paths.append(str(folder / f"{i}.png"))
+        Image.new("RGB", (20 + i % 3, 12), (level, level, level)).save(paths[-1])
+    return paths
+
+
+def test_extraction_keeps_the_order_of_the_paths_across_batches(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    grey_levels = list(range(5, 255, 7))[:35]  # 35 images: 17 batches of 2 and a short one
+    paths = grey_pngs(tmp_path, grey_levels)
     mean_colour = traced(lambda images: tf.reduce_mean(images, axis=[1, 2]), 8)
     features = extract(mean_colour, paths, 8, 2, "test")
     np.testing.assert_allclose(features, np.repeat(np.array(grey_levels, "float32")[:, None], 3, axis=1), atol=1e-3)
+
+
+@pytest.mark.parametrize("shuffle_seed", [None, 7])
+def test_the_cpu_settings_give_the_autotuners_batches_without_the_autotuner(tmp_path: Path, shuffle_seed: int | None) -> None:
+    from stages.datasets import image_dataset
+
+    levels = list(range(10, 250, 20))
+    paths, labels = grey_pngs(tmp_path, levels), np.arange(len(levels)) % 2
+    explicit = image_dataset(paths, 8, 5, labels, shuffle_seed)  # no GPU here: explicit settings
+    tuned = image_dataset(paths, 8, 5, labels, shuffle_seed, autotune=True)
+    assert explicit.options().autotune.enabled is False
+    assert tuned.options().autotune.enabled is not False
+
+    def two_epochs(dataset: Any) -> list[np.ndarray]:
+        return [np.concatenate([images[:, 0, 0, 0].numpy() for images, _ in dataset]) for _ in range(2)]
+
+    first, second = two_epochs(explicit)
+    np.testing.assert_array_equal(np.stack([first, second]), np.stack(two_epochs(tuned)))
+    assert sorted(first.round().astype(int)) == levels
+    assert (first.round().astype(int).tolist() == levels) == (shuffle_seed is None)
+    assert (first.tolist() == second.tolist()) == (shuffle_seed is None)  # reshuffled every epoch
 
 
 @pytest.mark.parametrize(
