@@ -46,7 +46,8 @@ def main() -> None:
         rows = split_rows(manifest, split)
         shuffle_seed = params["seed"] if split == "train" else None
         batches[split] = image_dataset(
-            list(rows["path"]), size, 32, rows["label_index"].to_numpy(), shuffle_seed, args.autotune or None
+            list(rows["path"]), size, 32, rows["label_index"].to_numpy(), shuffle_seed,
+            autotune=True if args.autotune else None,  # None: the pipeline's own choice
         )
     model.fit(batches["train"], validation_data=batches["val"], epochs=args.epochs, verbose=0)
     _, accuracy = model.evaluate(batches["test"], verbose=0)
