@@ -51,7 +51,10 @@ def metrics_diff(baseline: str) -> dict[str, dict[str, dict[str, Any]]]:
         raise BaselineError(f"baseline {baseline!r} cannot be read: {reason}")
     diff = json.loads(result.stdout or "{}")
     if not any(values.get("old") is not None for metrics in diff.values() for values in metrics.values()):
-        raise BaselineError(f"baseline {baseline!r} has no metrics; commit metrics there or choose another --baseline")
+        raise BaselineError(
+            f"baseline {baseline!r} has no metrics to compare with; after your first run, commit its results "
+            "(git add dvc.lock metrics reports && git commit), or choose another --baseline"
+        )
     return diff
 
 
@@ -98,15 +101,23 @@ def judge_all(diff: dict[str, dict[str, dict[str, Any]]], rules: dict[str, dict[
     return sorted(rows, key=lambda row: (order.get(row.verdict, 2), row.backbone, row.metric))
 
 
+def headline(rows: list[Row]) -> str:
+    """`no regressions`, or the failures by kind: a metric that is gone is missing, not regressed."""
+    counts = {verdict: sum(row.verdict == verdict for row in rows) for verdict in (REGRESSED, MISSING)}
+    failed = [f"**{count} {verdict.lower()}**" for verdict, count in counts.items() if count]
+    if counts[MISSING] and counts[MISSING] == len(rows):
+        failed.append("(no metrics in the workspace: run dvc repro)")
+    return ", ".join(failed) if failed else "no regressions"
+
+
 def markdown(rows: list[Row], baseline: str) -> str:
     def show(value: Any) -> str:
         if value is None:
             return "–"
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    failed = sum(row.verdict in FAILING for row in rows)
     lines = [
-        f"### Metrics against `{baseline}`: {'**' + str(failed) + ' regressed**' if failed else 'no regressions'}",
+        f"### Metrics against `{baseline}`: {headline(rows)}",
         "",
         "| metric | backbone | old | new | change | allowed | verdict |",
         "|---|---|---:|---:|---:|---|---|",
@@ -121,7 +132,7 @@ def markdown(rows: list[Row], baseline: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.check_metrics", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tl-check-metrics", description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD", help="git revision to compare with (default: HEAD)")
     parser.add_argument("--output", type=Path, help="also write the Markdown table to this file")
     args = parser.parse_args(argv)

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+# Written by the `validate` stage, which every other stage runs after (see stages/validate.py).
+VALIDATED = Path("data/params.validated")
 RAW_DIR = Path("data/raw")
 RAW_ARCHIVE = RAW_DIR / "dataset.zip"
 PREPARED_DIR = Path("data/prepared")
@@ -20,6 +22,14 @@ CLASSES = PREPARED_DIR / "classes.json"
 REPORT = PREPARED_DIR / "report.json"
 FEATURES_DIR = Path("data/features")
 MODELS_DIR = Path("models")
+# What finetune trains, and what the `ship` stage then puts in place of the shipped model. Two paths, so
+# that the shipped model stays in place (DVC deletes a stage's outputs before it runs the stage) while a
+# new one trains. Files, not folders: no backbone key (models/<key>/) can take these names.
+FINETUNED_MODEL = MODELS_DIR / "finetuned.keras"
+FINETUNED_LABELS = MODELS_DIR / "finetuned.labels.json"
+# The shipped model and its class names: what predict, evaluate_model and users load.
+SHIPPED_MODEL = MODELS_DIR / "model.keras"
+SHIPPED_LABELS = MODELS_DIR / "labels.json"
 METRICS_DIR = Path("metrics")
 EVALUATION_DIR = Path("reports/evaluation")
 TRAINING_PICTURES_DIR = Path("reports/training")
@@ -29,15 +39,28 @@ class PipelineError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
+def recovery_hint(stage: str | None) -> str:
+    """How to get back what DVC removed before running `stage` (it deletes a stage's outputs first)."""
+    if not stage or stage == "validate":
+        return ""
+    return (
+        f" [dvc removed the previous outputs of {stage} before running it: `dvc checkout {stage}` restores "
+        "the cached ones; metrics and pictures you committed come back with `git checkout -- <path>`]"
+    )
+
+
 def stage_main(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1."""
+    """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1.
+
+    Under `dvc repro` (which sets DVC_STAGE) the line also says how to restore the stage's previous outputs.
+    """
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
         except PipelineError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {error}{recovery_hint(os.environ.get('DVC_STAGE'))}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
             print("error: interrupted; nothing was half-written, rerun the stage", file=sys.stderr)

@@ -40,7 +40,10 @@ def write_evaluation(
     )
     with atomic_path(out_dir / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
-    title = name if name != "model" else f"shipped model ({extra.get('backbone')} fine-tuned)"
+    title = (
+        f"shipped model ({extra.get('backbone')} fine-tuned)" if name == "model"
+        else f"{name} (frozen base, trained head)"
+    )
     pictures.confusion_matrix(confusion_matrix(y_true, y_pred, len(classes)), classes, title, out_dir / "confusion.png")
     pictures.roc_curves(roc, title, out_dir / "roc.png")
     errors = predictions[predictions["actual"] != predictions["predicted"]].sort_values("probability", ascending=False)

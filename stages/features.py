@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
 
+from stages import progress
 from stages.backbones import build_extractor, get_backbone
 from stages.common import FEATURES_DIR, PipelineError, atomic_dir, seed_everything, stage_main, write_json
 from stages.datasets import SPLITS, augmentation_layers, image_dataset, read_manifest, split_rows
@@ -82,10 +82,10 @@ def extract(
     forward pass only the decoding's own CPU time (see datasets.image_dataset).
     """
     features = []
-    with tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr, mininterval=2.0) as progress:
+    with progress.bar(len(paths), desc) as shown:
         for images in image_dataset(paths, image_size, batch_size):
             features.append(forward(images).numpy())
-            progress.update(len(features[-1]))
+            shown.update(len(features[-1]))
     return np.concatenate(features)
 
 

@@ -2,12 +2,24 @@
 
 `data.url` may be an http(s):// URL, a file:// URL, a local zip, or a local image folder
 (`train/<class>/` + `validation/<class>/`, or `<class>/`), which is packed into a zip.
+
+DVC runs this stage on every `dvc repro` (`always_changed`), so that a change in what `data.url`
+points at is seen, not only a change of the URL itself. The archive is replaced only when the
+source's bytes differ from it; otherwise it is left untouched, DVC finds the same hash and skips
+every stage after this one:
+  - a local folder is packed deterministically (a local zip copied) beside the archive, and the new
+    copy replaces the archive only if it differs;
+  - an http(s) URL is asked with a conditional GET (If-None-Match / If-Modified-Since) whether it
+    still holds what the last download received, as recorded in `data/raw/source.json`; nothing is
+    requested when `data.sha256` is set and the archive already matches it. When the server cannot
+    be reached, an archive downloaded earlier from the same URL is used, with a warning.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
 import http.client
+import json
 import os
 import re
 import shutil
@@ -15,6 +27,8 @@ import ssl
 import sys
 import time
 import zipfile
+from dataclasses import asdict, dataclass
+from email.message import Message
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
 from urllib.error import HTTPError, URLError
@@ -23,9 +37,12 @@ from urllib.request import Request, url2pathname, urlopen
 
 from tqdm import tqdm
 
-from stages.common import RAW_ARCHIVE, PipelineError, atomic_path, stage_main
+from stages import progress
+from stages.common import RAW_ARCHIVE, RAW_DIR, PipelineError, atomic_path, stage_main, write_text
 from stages.params import load_params
 
+# What the archive was made from; a DVC output of this stage, so it travels with the archive.
+SOURCE_RECORD = RAW_DIR / "source.json"
 PARTIAL_DIR = Path("data/.downloads")
 CHUNK = 1 << 20
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
@@ -42,6 +59,57 @@ class _Transient(Exception):
         self.unreachable = unreachable
 
 
+class _Unchanged(Exception):
+    """Raised inside atomic_path to drop a new copy equal to the archive (atomic_path deletes it)."""
+
+
+class SourceUnavailable(PipelineError):
+    """The server could not be reached, or kept failing, on every attempt."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # what went wrong, without the advice
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What the server said identifies the version it sent (RFC 9110 section 8.8)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @classmethod
+    def from_headers(cls, headers: Message) -> Validators:
+        return cls(headers.get("ETag"), headers.get("Last-Modified"))
+
+    def conditions(self) -> dict[str, str]:
+        """Request headers that make the server answer 304 Not Modified if it still holds this version."""
+        headers = {}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the archive was made from, as stored in source.json.
+
+    It holds no time of checking, so an unchanged source leaves the file (and dvc.lock) as it was.
+    """
+
+    url: str
+    sha256: str
+    size: int
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @property
+    def validators(self) -> Validators:
+        return Validators(self.etag, self.last_modified)
+
+
 def fetch(
     url: str,
     target: Path,
@@ -51,33 +119,36 @@ def fetch(
     backoff_s: float = 1.0,
     timeout_s: float = 30,
     partial_dir: Path = PARTIAL_DIR,
+    record: Path | None = None,
 ) -> Path:
-    """Put the dataset named by `url` at `target`, checking `sha256` when given; return `target`."""
+    """Bring `target` up to date with the dataset `url` names, checking `sha256` when given; return `target`.
+
+    `target` is rewritten only when the source's bytes differ from it. `record` (by default
+    source.json beside `target`) remembers what `target` was made from, for the next check.
+    """
     target = Path(target)
+    record = Path(record) if record is not None else target.with_name(SOURCE_RECORD.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     scheme = url_scheme(url)
     if scheme in ("http", "https"):
-        partial = partial_path(url, Path(partial_dir))
-        try:
-            download(url, partial, attempts=attempts, backoff_s=backoff_s, timeout_s=timeout_s)
-            _verify(partial, sha256, url)
-            _move_into_place(partial, target)
-        finally:
-            _remove_if_empty(Path(partial_dir))  # fails harmlessly while a partial is kept to resume
-        return target
-    if scheme not in (None, "file"):
+        source = _sync_http(
+            url,
+            target,
+            sha256,
+            read_record(record),
+            attempts=attempts,
+            backoff_s=backoff_s,
+            timeout_s=timeout_s,
+            partial_dir=Path(partial_dir),
+        )
+    elif scheme in (None, "file"):
+        source = _sync_local(url, target, sha256)
+    else:
         raise PipelineError(
             f"data.url {url!r} uses the unsupported scheme {scheme}://; "
             "use http://, https://, file:// or a local path"
         )
-    source = local_source(url)
-    with atomic_path(target) as tmp:
-        if source.is_dir():
-            pack_directory(source, tmp)
-        else:
-            _copy_with_progress(source, tmp)
-        # Raising inside the block makes atomic_path delete the unverified copy.
-        _verify(tmp, sha256, url)
+    write_record(record, source)
     return target
 
 
@@ -100,7 +171,70 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_record(path: Path) -> Source | None:
+    """The Source stored at `path`, or None if there is none or it cannot be read.
+
+    A damaged record only costs a full download on the next check, so it is not an error.
+    """
+    try:
+        source = Source(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    texts = (source.url, source.sha256)
+    optional = (source.etag, source.last_modified)
+    valid = (
+        all(isinstance(text, str) for text in texts)
+        and all(text is None or isinstance(text, str) for text in optional)
+        and isinstance(source.size, int)
+    )
+    return source if valid else None
+
+
+def write_record(path: Path, source: Source) -> None:
+    """Store `source` at `path`, leaving the file untouched when it already says the same."""
+    text = json.dumps(asdict(source), indent=2) + "\n"
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    write_text(path, text)
+
+
+def _digest(path: Path) -> str | None:
+    """The sha256 of `path`, or None when there is no such file."""
+    return file_sha256(path) if path.is_file() else None
+
+
+def _decided(decision: str, detail: str) -> None:
+    """The one line saying what fetch did; on stderr, so stdout keeps the stage's summary."""
+    print(f"fetch: {decision}: {detail}", file=sys.stderr)
+
+
 # --- local sources -------------------------------------------------------------------------------
+
+
+def _sync_local(url: str, target: Path, sha256: str | None) -> Source:
+    """Pack or copy the local source beside `target`; replace `target` only if the bytes differ."""
+    source = local_source(url)
+    existed = target.is_file()
+    try:
+        with atomic_path(target) as tmp:
+            if source.is_dir():
+                pack_directory(source, tmp)
+            else:
+                _copy_with_progress(source, tmp)
+            # Raising inside the block makes atomic_path delete the copy: unverified, or not needed.
+            digest = _verify(tmp, sha256, url)
+            size = tmp.stat().st_size
+            if existed and target.stat().st_size == size and file_sha256(target) == digest:
+                raise _Unchanged
+    except _Unchanged:
+        _decided("unchanged", f"{url} holds the same data as {target}; left as it is")
+    else:
+        made = "packed" if source.is_dir() else "copied"
+        if existed:
+            _decided("updated", f"{url} changed; {target} replaced with a new copy")
+        else:
+            _decided(made, f"{target} from {url}")
+    return Source(url, digest, size)
 
 
 def local_source(url: str) -> Path:
@@ -174,32 +308,109 @@ def _copy_stream(src: BinaryIO, dst: BinaryIO, bar: tqdm) -> None:
 # --- HTTP ----------------------------------------------------------------------------------------
 
 
-def download(url: str, partial: Path, *, attempts: int, backoff_s: float, timeout_s: float) -> None:
-    """Complete `partial` from `url`, retrying transient failures and resuming what was received."""
+def _sync_http(
+    url: str,
+    target: Path,
+    sha256: str | None,
+    previous: Source | None,
+    *,
+    attempts: int,
+    backoff_s: float,
+    timeout_s: float,
+    partial_dir: Path,
+) -> Source:
+    """Download `url` to `target` unless `target` already holds what the server (or `sha256`) says it should."""
+    have = _digest(target)
+    if sha256 and have == sha256.lower():
+        _decided("unchanged", f"{target} matches data.sha256; {url} not contacted")
+        if previous is not None and previous.url == url and previous.sha256 == have:
+            return previous  # keeps the validators for when the pin is lifted
+        return Source(url, sha256.lower(), target.stat().st_size)
+    # The version to ask the server about: what an earlier run downloaded from this URL, still intact.
+    # A pinned sha256 that the archive misses must be downloaded, never excused by a 304 or an outage.
+    cached = previous if not sha256 and previous and previous.url == url and previous.sha256 == have else None
+    partial = partial_path(url, partial_dir)
+    try:
+        try:
+            received = download(
+                url,
+                partial,
+                attempts=attempts,
+                backoff_s=backoff_s,
+                timeout_s=timeout_s,
+                unless=cached.validators if cached else None,
+                # With an archive to fall back on, waiting out an outage would only delay the warning.
+                retry_unreachable=cached is None,
+            )
+        except SourceUnavailable as error:
+            if cached is None:
+                raise
+            warning = f"warning: cannot check {url} for changes ({error.reason}); using the existing {target}"
+            print(warning, file=sys.stderr)
+            return cached
+        if received is None:
+            assert cached is not None, "304 answers only a conditional request, which needs `cached`"
+            _decided("unchanged", f"{url} not modified since the last download (HTTP 304); {target} left as it is")
+            return cached
+        digest = _verify(partial, sha256, url)
+        source = Source(url, digest, partial.stat().st_size, received.etag, received.last_modified)
+        if digest == have:
+            partial.unlink()  # new validators, same bytes: keep the archive so DVC sees no change
+            _decided("unchanged", f"{url} sent the same bytes as {target} holds; left as it is")
+        elif have:
+            _move_into_place(partial, target)
+            _decided("updated", f"{url} changed; {target} replaced with the new download")
+        else:
+            _move_into_place(partial, target)
+            _decided("downloaded", f"{target} from {url}")
+        return source
+    finally:
+        _remove_if_empty(partial_dir)  # fails harmlessly while a partial is kept to resume
+
+
+def download(
+    url: str,
+    partial: Path,
+    *,
+    attempts: int,
+    backoff_s: float,
+    timeout_s: float,
+    unless: Validators | None = None,
+    retry_unreachable: bool = True,
+) -> Validators | None:
+    """Complete `partial` from `url`, retrying transient failures and resuming what was received.
+
+    With `unless`, the request is conditional: None means the server still holds that version
+    (304 Not Modified) and sent nothing. Otherwise returns the validators of what was received.
+    `retry_unreachable=False` gives up at the first failure to connect, for a caller with a fallback.
+    """
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(attempts):
+    for attempt in range(1, attempts + 1):
         try:
-            _download_once(url, partial, timeout_s)
-            return
+            return _download_once(url, partial, timeout_s, unless)
         except _Transient as error:
             failure = error
-        if attempt + 1 < attempts:
-            time.sleep(backoff_s * 2**attempt)
-    raise _give_up(url, partial, failure, attempts)
+        if attempt == attempts or (failure.unreachable and not retry_unreachable):
+            break
+        time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise _give_up(url, partial, failure, attempt)
 
 
-def _download_once(url: str, partial: Path, timeout_s: float) -> None:
+def _download_once(url: str, partial: Path, timeout_s: float, unless: Validators | None) -> Validators | None:
     """One attempt; network problems become _Transient, permanent ones PipelineError."""
     try:
-        response = _open(url, partial, timeout_s)
+        response = _open(url, partial, timeout_s, unless)
         if response is None:
-            return
+            return Validators()  # the partial already held the whole file; its version is unknown
         with response:
             _receive(url, response, partial)
+            return Validators.from_headers(response.headers)
     except HTTPError as error:
         error.close()
+        if error.code == 304 and unless is not None:
+            return None
         if error.code >= 500 or error.code in RETRIED_CLIENT_ERRORS:
             raise _Transient(_status_text(error.code, error.reason)) from None
         raise PipelineError(
@@ -215,11 +426,13 @@ def _download_once(url: str, partial: Path, timeout_s: float) -> None:
         raise _Transient(f"{type(error).__name__}: {error}".rstrip(": ")) from None
 
 
-def _open(url: str, partial: Path, timeout_s: float) -> http.client.HTTPResponse | None:
+def _open(
+    url: str, partial: Path, timeout_s: float, unless: Validators | None
+) -> http.client.HTTPResponse | None:
     """The response for the bytes `partial` lacks, or None if `partial` already holds the whole file."""
     offset = partial.stat().st_size if partial.exists() else 0
     try:
-        return urlopen(_request(url, offset), timeout=timeout_s)
+        return urlopen(_request(url, offset, unless), timeout=timeout_s)
     except HTTPError as error:
         if error.code != 416 or not offset:
             raise
@@ -229,13 +442,16 @@ def _open(url: str, partial: Path, timeout_s: float) -> http.client.HTTPResponse
             return None
         # The partial is longer than, or unrelated to, what the server holds now: start over.
         partial.unlink()
-        return urlopen(_request(url, 0), timeout=timeout_s)
+        return urlopen(_request(url, 0, unless), timeout=timeout_s)
 
 
-def _request(url: str, offset: int) -> Request:
+def _request(url: str, offset: int, unless: Validators | None) -> Request:
     headers = {"User-Agent": "dvc-pipeline-fetch"}
     if offset:
+        # A resumed download asks for the rest of the file it started, not whether an older one changed.
         headers["Range"] = f"bytes={offset}-"
+    elif unless is not None:
+        headers.update(unless.conditions())
     return Request(url, headers=headers)
 
 
@@ -285,7 +501,7 @@ def _status_text(code: int, reason: object) -> str:
     return f"HTTP {code} {reason}".rstrip()
 
 
-def _give_up(url: str, partial: Path, failure: _Transient, attempts: int) -> PipelineError:
+def _give_up(url: str, partial: Path, failure: _Transient, attempts: int) -> SourceUnavailable:
     tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
     file_name = PurePosixPath(urlsplit(url).path).name or "dataset.zip"
     local_copy = (
@@ -294,26 +510,27 @@ def _give_up(url: str, partial: Path, failure: _Transient, attempts: int) -> Pip
     )
     if failure.unreachable:
         host = urlsplit(url).hostname
-        return PipelineError(f"host {host} cannot be reached for {url} ({failure}); {local_copy}")
+        reason = f"host {host} cannot be reached: {failure}"
+        return SourceUnavailable(f"host {host} cannot be reached for {url} ({failure}); {local_copy}", reason)
     kept = partial.exists() and partial.stat().st_size > 0
     resume = "; rerun to resume the partial download" if kept else ""
-    return PipelineError(f"{failure} for {url} after {tries}{resume}; try again later, or {local_copy}")
+    message = f"{failure} for {url} after {tries}{resume}; try again later, or {local_copy}"
+    return SourceUnavailable(message, f"{failure} after {tries}")
 
 
 # --- finishing -----------------------------------------------------------------------------------
 
 
-def _verify(path: Path, expected: str | None, url: str) -> None:
-    """Raise if `path` does not hash to `expected`, deleting it so no rerun resumes from bad bytes."""
-    if expected is None:
-        return
+def _verify(path: Path, expected: str | None, url: str) -> str:
+    """The sha256 of `path`; raise if it is not `expected`, deleting `path` so no rerun resumes from bad bytes."""
     actual = file_sha256(path)
-    if actual != expected.lower():
+    if expected is not None and actual != expected.lower():
         path.unlink(missing_ok=True)
         raise PipelineError(
             f"sha256 mismatch for {url}: expected {expected.lower()}, got {actual}; "
             "the download was deleted. If the file changed on purpose, update data.sha256 in params.yaml"
         )
+    return actual
 
 
 def _move_into_place(source: Path, target: Path) -> None:
@@ -336,27 +553,16 @@ def _remove_if_empty(folder: Path) -> None:
 
 
 def _progress(total: int | None, description: str, *, initial: int = 0) -> tqdm:
-    # disable=None: draw only on a terminal, so CI logs don't fill with carriage returns.
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=description,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        disable=None,
-        leave=False,
-    )
+    return progress.bar(total, description, "B", initial=initial, unit_scale=True, unit_divisor=1024, leave=False)
 
 
 @stage_main
 def main() -> None:
     data = load_params()["data"]
-    archive = fetch(data["url"], RAW_ARCHIVE, data["sha256"])
-    digest = data["sha256"] or file_sha256(archive)
+    archive = fetch(data["url"], RAW_ARCHIVE, data["sha256"], record=SOURCE_RECORD)
+    source = read_record(SOURCE_RECORD) or Source(data["url"], file_sha256(archive), archive.stat().st_size)
     pin = "" if data["sha256"] else " (set data.sha256 to this to pin the dataset)"
-    print(f"{archive}: {archive.stat().st_size} bytes, sha256 {digest.lower()}{pin}")
+    print(f"{archive}: {source.size} bytes, sha256 {source.sha256}{pin}")
 
 
 if __name__ == "__main__":

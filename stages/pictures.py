@@ -1,15 +1,33 @@
 """PNG pictures every run leaves behind: they open without a browser or internet (DVC's HTML plots load
-their scripts from a CDN). Training curves, confusion matrix, ROC curve, and the test images a model got wrong."""
+their scripts from a CDN). Training curves, confusion matrix, ROC curve, and the test images a model got wrong.
+
+Class names go through `class_names`, so names in any script draw with an installed font that has their
+glyphs, or as visible \\uXXXX escapes, never as empty boxes.
+"""
 from __future__ import annotations
 
+import contextlib
+import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from stages.common import atomic_path
 
 MAX_ERRORS_SHOWN = 24
+# The share of the figure's width a title may take: layouts move axes but never shrink or wrap text.
+TITLE_ROOM = 0.94
+# Tried first, in this order, for characters the default font (DejaVu Sans) lacks: the usual fonts with
+# CJK glyphs on Linux, macOS and Windows. Every other installed font comes after them, by name.
+PREFERRED_FALLBACKS = (
+    "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans",
+    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "Noto Sans", "PingFang SC",
+    "Hiragino Sans", "Microsoft YaHei", "Arial Unicode MS",
+)
+# Fonts matplotlib ships that must never stand in for a letter: Last Resort draws a placeholder for whole
+# Unicode blocks (two different names would look alike), the others map code points to TeX math symbols.
+NOT_FOR_TEXT = ("Last Resort", "cm", "STIXNonUnicode", "STIXSize")
 
 
 def pyplot() -> Any:
@@ -23,73 +41,215 @@ def pyplot() -> Any:
 
 def save_png(fig: Any, path: Path, dpi: int = 90) -> None:
     plt = pyplot()
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with a layout engine lays itself out when saved
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
 
 
-def training_curves(history: dict[str, list[float]], title: str, path: Path) -> None:
-    """Loss and accuracy per epoch, training and validation."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+# --- text: class names in any script, titles that fit ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def class_names(names: Iterable[str]) -> Iterator[dict[str, str]]:
+    """Build and save pictures inside this block; it yields how to write each class name.
+
+    Inside, matplotlib's font list (font.family, changed only for the block) goes on, character by
+    character, to installed fonts that have the glyphs the default font lacks (CJK, Thai, ...). Characters
+    no installed font has are written as \\uXXXX escapes, and `$` is escaped so a name never turns into math.
+    """
+    import matplotlib
+
+    unique = list(dict.fromkeys(names))
+    families, missing = glyph_fonts(unique)
+    with matplotlib.rc_context({"font.family": [*matplotlib.rcParams["font.family"], *families]}):
+        yield {name: drawable(name, missing) for name in unique}
+
+
+def glyph_fonts(names: Iterable[str]) -> tuple[list[str], set[str]]:
+    """Installed font families that draw the characters of `names` the default font lacks, and the
+    characters that no installed font has."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    default = font_manager.findfont(font_manager.FontProperties(family=matplotlib.rcParams["font.family"]))
+    missing = {char for name in names for char in name if not has_glyph(default, char)}
+    families: list[str] = []
+    for entry in fallback_candidates():
+        if not missing:
+            break
+        covered = {char for char in missing if has_glyph(entry.fname, char)}
+        if covered and entry.name not in families:
+            families.append(entry.name)
+        missing -= covered
+    return families, missing
+
+
+def fallback_candidates() -> list[Any]:
+    """Installed fonts that may draw a missing character: preferred families first, then by name."""
+    from matplotlib import font_manager
+
+    def rank(entry: Any) -> tuple[int, str, str]:
+        order = PREFERRED_FALLBACKS.index(entry.name) if entry.name in PREFERRED_FALLBACKS else len(PREFERRED_FALLBACKS)
+        return order, entry.name, entry.fname
+
+    usable = [entry for entry in font_manager.fontManager.ttflist if not entry.name.startswith(NOT_FOR_TEXT)]
+    return sorted(usable, key=rank)
+
+
+def has_glyph(font_path: str, char: str) -> bool:
+    from matplotlib import font_manager
+
+    try:
+        return font_manager.get_font(font_path).get_char_index(ord(char)) != 0
+    except (OSError, RuntimeError):  # a font file that is unreadable or in a format FreeType rejects
+        return False
+
+
+def drawable(name: str, missing: set[str]) -> str:
+    """`name` with each character in `missing` written as a \\uXXXX escape and `$` escaped."""
+    return "".join(escape(char) if char in missing else char for char in name).replace("$", r"\$")
+
+
+def escape(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def figure_title(fig: Any, title: str) -> Any:
+    """`title` above the whole figure, wrapped at spaces until it fits the figure's width."""
+    text = fig.suptitle(title)
+    renderer = fig.canvas.get_renderer()
+    room = TITLE_ROOM * fig.bbox.width
+    width = len(title)
+    while width > 1 and text.get_window_extent(renderer).width > room:
+        width -= 1
+        text.set_text(textwrap.fill(title, width, break_on_hyphens=False))
+    return text
+
+
+# --- the pictures ------------------------------------------------------------------------------------------
+
+
+def training_curves(
+    history: dict[str, list[float]], title: str, path: Path, best_epoch: int | None = None
+) -> None:
+    """Loss and accuracy per epoch, training and validation, and a line at the epoch whose weights were kept.
+
+    `best_epoch` (1-based; 0 = the weights from before the first epoch) defaults to the epoch that
+    EarlyStopping(restore_best_weights=True) restores: the first with the lowest val_loss.
+    """
+    save_png(training_figure(history, title, best_epoch), path)
+
+
+def training_figure(history: dict[str, list[float]], title: str, best_epoch: int | None = None) -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    best = restored_epoch(history) if best_epoch is None else best_epoch
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.6), layout="tight")
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for prefix, label in (("", "train"), ("val_", "validation")):
             values = history.get(prefix + metric, [])
             ax.plot(range(1, len(values) + 1), values, marker=".", label=label)
+        if best is not None:
+            restored = f"restored weights: epoch {best}" if best >= 1 else "restored weights: before epoch 1"
+            ax.axvline(best, color="tab:red", linestyle="--", linewidth=1, label=restored)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.legend()
-    fig.suptitle(title)
-    save_png(fig, path)
+    figure_title(fig, title)
+    return fig
+
+
+def restored_epoch(history: dict[str, list[float]]) -> int | None:
+    """The 1-based epoch with the lowest val_loss, or None without a finite one."""
+    losses = np.asarray(history.get("val_loss", []), dtype=float)
+    if not np.isfinite(losses).any():
+        return None
+    return int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan))) + 1
 
 
 def confusion_matrix(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    plt = pyplot()
-    size = 2.5 + 0.6 * len(classes)
-    fig, ax = plt.subplots(figsize=(size, size))
+    with class_names(classes) as shown:
+        save_png(confusion_figure(matrix, [shown[name] for name in classes], title), path)
+
+
+def confusion_figure(matrix: np.ndarray, labels: list[str], title: str) -> Any:
+    """`labels`: the class names as `class_names` writes them."""
+    size = 2.5 + 0.6 * len(labels)
+    fig, ax = pyplot().subplots(figsize=(size, size), layout="tight")
     ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
-    ax.set_title(title)
-    save_png(fig, path)
+    figure_title(fig, title)
+    return fig
 
 
 def roc_curves(records: list[dict[str, Any]], title: str, path: Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
-    for name in dict.fromkeys(r["class"] for r in records):
+    """One curve per positive class of `records` (scoring.roc_records), each with its AUC in the legend."""
+    with class_names(r["class"] for r in records) as shown:
+        save_png(roc_figure(records, shown, title), path)
+
+
+def roc_figure(records: list[dict[str, Any]], shown: dict[str, str], title: str) -> Any:
+    """`shown`: each class name as `class_names` writes it."""
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.2), layout="tight")
+    for name, area in roc_auc(records).items():
         points = [r for r in records if r["class"] == name]
-        ax.plot([p["fpr"] for p in points], [p["tpr"] for p in points], label=name)
+        ax.plot([p["fpr"] for p in points], [p["tpr"] for p in points], label=f"{shown[name]} (AUC {area:.4f})")
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.legend(title="positive class", fontsize=8)
-    ax.set_title(title)
-    save_png(fig, path)
+    if records:
+        ax.legend(title="positive class", fontsize=8, loc="lower right")
+    figure_title(fig, title)
+    return fig
+
+
+def roc_auc(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The area under each class's ROC curve (for two classes, sklearn's roc_auc_score of the one curve)."""
+    from sklearn.metrics import auc
+
+    areas = {}
+    for name in dict.fromkeys(r["class"] for r in records):
+        points = [r for r in records if r["class"] == name]
+        areas[name] = float(auc([p["fpr"] for p in points], [p["tpr"] for p in points]))
+    return areas
 
 
 def misclassified_grid(errors: list[dict[str, Any]], title: str, path: Path) -> None:
     """Up to MAX_ERRORS_SHOWN wrongly classified images with their true and predicted classes."""
+    shown = errors[:MAX_ERRORS_SHOWN]
+    with class_names(error[key] for error in shown for key in ("actual", "predicted")) as names:
+        save_png(errors_figure(errors, names, title), path)
+
+
+def errors_figure(errors: list[dict[str, Any]], names: dict[str, str], title: str) -> Any:
     from PIL import Image
 
-    plt = pyplot()
     shown = errors[:MAX_ERRORS_SHOWN]
     columns = 6
     rows = max(1, -(-len(shown) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows + 0.4), squeeze=False)
+    fig, axes = pyplot().subplots(
+        rows, columns, figsize=(2.0 * columns, 2.3 * rows + 0.4), squeeze=False, layout="tight"
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, error in zip(axes.flat, shown):
         with Image.open(error["path"]) as image:
             image.thumbnail((160, 160))
             ax.imshow(image.convert("RGB"))
-        ax.set_title(f"true {error['actual']}\npred {error['predicted']} ({error['probability']:.2f})", fontsize=8)
-    fig.suptitle(f"{title}: {len(errors)} wrong" + (f", first {len(shown)} shown" if len(errors) > len(shown) else ""))
+        ax.set_title(
+            f"true {names[error['actual']]}\npred {names[error['predicted']]} ({error['probability']:.2f})", fontsize=8
+        )
+    more = f", first {len(shown)} shown" if len(errors) > len(shown) else ""
+    figure_title(fig, f"{title}: {len(errors)} wrong{more}")
     if not errors:
         axes.flat[0].text(0.5, 0.5, "no test image misclassified", ha="center", va="center")
-    save_png(fig, path)
+    return fig

@@ -4,7 +4,11 @@ Writes data/prepared/ (built in a temporary sibling folder and renamed into plac
   images/        the unpacked archive; converted images replace their originals as `<name>.png`
   manifest.csv   path,label,split (train, val, test); paths relative to the project root
   classes.json   the sorted class names; a label's index is its position in this list
-  report.json    classes, counts per split and class, skipped files, converted images, ignored entries
+  report.json    classes, counts per split and class, skipped files, converted images, ignored entries,
+                 warnings (classes with fewer than MIN_TRAIN_IMAGES training images)
+
+Every class must reach every split (train, val, test), or the stage stops with one line naming the class,
+its folder and the images it needs; a class that does, but with few training images, gets a warning.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import io
 import os
 import re
 import stat
+import sys
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +27,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import numpy as np
-from tqdm import tqdm
 
+from stages import progress
 from stages.common import PREPARED_DIR, RAW_ARCHIVE, PipelineError, atomic_dir, stage_main, write_json
 from stages.images import ImageRejected, is_tf_ready, open_image, set_pixel_limit, to_rgb
 from stages.params import load_params
@@ -34,6 +39,20 @@ CLASS_TREE_LAYOUT = "class folders"
 CHUNK_BYTES = 1 << 20
 DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 REFETCH = "delete it and rerun `dvc repro -f fetch`"
+# The fewest usable images a class folder needs so that the class reaches every split, by Layout.sources
+# key: train/<class> gives 1 validation and 1 training image, validation/<class> the test split, and a
+# single <class>/ tree 1 test, 1 validation and 1 training image (carve never takes a folder's last ones).
+NEEDED = {"train": 2, "test": 1, "all": 3}
+NEEDED_FOR = {
+    "train": "1 for validation, 1 for training",
+    "test": "1 for the test split",
+    "all": "1 each for the test, validation and training splits",
+}
+# A class with fewer training images than this gets a warning (the run goes on). Ten because below it each
+# picture is over a tenth of what the head learns for the class, so one odd or mislabelled image shifts it,
+# and the default val_fraction (0.2) leaves the class only one or two validation images, so early stopping
+# and the class's scores move in big steps per image.
+MIN_TRAIN_IMAGES = 10
 
 
 @dataclass(frozen=True)
@@ -93,11 +112,15 @@ def prepare(archive: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
         layout = find_layout(images, archive)
         files, unused = files_by_class_folder(layout, images)
         checked = check_images(sorted((p for paths in files.values() for p in paths), key=Path.as_posix), images)
-        usable = {folder: usable_files(folder, paths, checked, images, archive) for folder, paths in files.items()}
+        usable = {folder: usable_files(paths, checked) for folder, paths in files.items()}
+        check_class_sizes(layout, files, checked, usable, images, archive)
         rows = split_rows(layout, usable, settings)
+        warnings = small_class_warnings(layout, rows, images, archive)
+        for warning in warnings:
+            print(f"warning: {warning['message']}", file=sys.stderr)
         public = functools.partial(public_path, images=images, out_dir=out_dir)
         outcomes = list(checked.values()) + [Checked(path, None, "not in a class folder") for path in unused]
-        report = build_report(archive, images, layout, rows, outcomes, ignored, public)
+        report = build_report(archive, images, layout, rows, outcomes, ignored, public) | {"warnings": warnings}
         # Plain writes suffice: the whole build folder is renamed into place only once complete.
         write_manifest(build / "manifest.csv", rows, public)
         write_json(build / "classes.json", layout.classes)
@@ -119,7 +142,7 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> int:
         target.mkdir(parents=True)
         ignored = 0
         budget = max_bytes
-        for info, parts in tqdm(entries, desc="unpack", unit="file", disable=None):
+        for info, parts in progress.bar(len(entries), "unpack", "file", iterable=entries):
             if not parts:
                 continue
             if is_ignored(parts):
@@ -301,7 +324,7 @@ def check_images(files: list[Path], images: Path) -> dict[Path, Checked]:
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda path: check_image(path, pngs[path]), files)
-        checked = list(tqdm(results, total=len(files), desc="check images", unit="img", disable=None))
+        checked = list(progress.bar(len(files), "check images", iterable=results))
     return {item.source: item for item in checked}
 
 
@@ -336,19 +359,65 @@ def check_image(source: Path, png: Path) -> Checked:
     return Checked(source, png, converted_from=info.describe())
 
 
-def usable_files(
-    folder: Path, files: list[Path], checked: dict[Path, Checked], images: Path, archive: Path
-) -> list[Path]:
-    usable = [checked[path].path for path in files if checked[path].path is not None]
+def usable_files(files: list[Path], checked: dict[Path, Checked]) -> list[Path]:
+    return sorted((checked[path].path for path in files if checked[path].path is not None), key=Path.as_posix)
+
+
+# --- class sizes -----------------------------------------------------------------------------------
+
+
+def check_class_sizes(
+    layout: Layout,
+    files: dict[Path, list[Path]],
+    checked: dict[Path, Checked],
+    usable: dict[Path, list[Path]],
+    images: Path,
+    archive: Path,
+) -> None:
+    """Stop with one line at the first class folder too small for its class to reach every split."""
+    for label in layout.classes:
+        for source, root in layout.sources.items():
+            folder = root / label
+            needed = NEEDED[source]
+            if len(usable[folder]) < needed:
+                found = usable_count(files[folder], checked, len(usable[folder]))
+                raise PipelineError(
+                    f"{shown(folder, images, archive)} (class {label!r}) has {found}; the class needs at least "
+                    f"{needed} there ({NEEDED_FOR[source]}): add images or remove the class"
+                )
+
+
+def usable_count(files: list[Path], checked: dict[Path, Checked], usable: int) -> str:
+    """'no files', 'no usable images: all 2 files were skipped (e.g. ...)' or '1 usable image (...)'."""
+    if not files:
+        return "no files"
+    skipped = [checked[path] for path in files if checked[path].path is None]
+    example = f"e.g. {skipped[0].source.name}: {skipped[0].reason}" if skipped else ""
     if not usable:
-        if not files:
-            raise PipelineError(f"{shown(folder, images, archive)} has no files; remove it or add images")
-        first = checked[files[0]]
-        raise PipelineError(
-            f"{shown(folder, images, archive)} has no usable images: all {len(files)} files were skipped "
-            f"(e.g. {first.source.name}: {first.reason})"
-        )
-    return sorted(usable, key=Path.as_posix)
+        return f"no usable images: all {len(files)} files were skipped ({example})"
+    count = f"{usable} usable image{'s' if usable != 1 else ''}"
+    return f"{count} ({len(skipped)} more skipped, {example})" if skipped else count
+
+
+def small_class_warnings(
+    layout: Layout, rows: list[tuple[Path, str, str]], images: Path, archive: Path
+) -> list[dict[str, Any]]:
+    """One warning per class with fewer than MIN_TRAIN_IMAGES images in the train split."""
+    train = {label: 0 for label in layout.classes}
+    for _, label, split in rows:
+        if split == "train":
+            train[label] += 1
+    source = layout.sources["train" if layout.kind == SPLIT_LAYOUT else "all"]
+    warnings = []
+    for label, count in train.items():
+        if count < MIN_TRAIN_IMAGES:
+            message = (
+                f"class {label!r} has {count} training image{'s' if count != 1 else ''} after the split "
+                f"(from {shown(source / label, images, archive)}), under the recommended minimum of "
+                f"{MIN_TRAIN_IMAGES}; its scores rest on very few images, so add images if you can"
+            )
+            warnings.append({"class": label, "train_images": count, "minimum": MIN_TRAIN_IMAGES, "message": message})
+    return warnings
 
 
 # --- splitting ----------------------------------------------------------------------------------
@@ -363,17 +432,20 @@ def split_rows(layout: Layout, usable: dict[Path, list[Path]], settings: Setting
             val, train = carve(usable[layout.sources["train"] / label], settings.val_fraction, rng)
             test = usable[layout.sources["test"] / label]
         else:
-            test, rest = carve(usable[layout.sources["all"] / label], settings.test_fraction, rng)
+            # keep=2: a large test_fraction must still leave one validation and one training image.
+            test, rest = carve(usable[layout.sources["all"] / label], settings.test_fraction, rng, keep=2)
             val, train = carve(rest, settings.val_fraction, rng)
         for split, paths in (("train", train), ("val", val), ("test", test)):
             rows += [(path, label, split) for path in paths]
     return sorted(rows, key=lambda row: (SPLITS.index(row[2]), row[0].as_posix()))
 
 
-def carve(files: list[Path], fraction: float, rng: np.random.Generator) -> tuple[list[Path], list[Path]]:
-    """Split off round(fraction * n) random files: at least one, and at least one left, when n >= 2."""
+def carve(
+    files: list[Path], fraction: float, rng: np.random.Generator, keep: int = 1
+) -> tuple[list[Path], list[Path]]:
+    """Split off round(fraction * n) random files: at least one, and at least `keep` left, when n > keep."""
     n = len(files)
-    count = min(max(round(fraction * n), 1), n - 1) if n >= 2 else 0
+    count = min(max(round(fraction * n), 1), n - keep) if n > keep else 0
     chosen = set(rng.permutation(n)[:count].tolist())
     taken = [path for i, path in enumerate(files) if i in chosen]
     rest = [path for i, path in enumerate(files) if i not in chosen]

@@ -53,8 +53,9 @@ def main(key: str) -> None:
     validation = array_batches(features["x_val"].astype(np.float32), features["y_val"], train["batch_size"])
 
     strategy = strategy_for(params["distribute"])
-    print(f"{key}: training under {params['distribute']['strategy']} on {strategy.num_replicas_in_sync} "
-          "replica(s)", file=sys.stderr)
+    if params["distribute"]["strategy"] != "none":
+        print(f"{key}: training under {params['distribute']['strategy']} on {strategy.num_replicas_in_sync} "
+              "replicas", file=sys.stderr)
     with strategy.scope():
         head = build_head(x_train, len(classes), train["dropout"], train["hidden_units"])
         head.compile(
@@ -72,6 +73,7 @@ def main(key: str) -> None:
             validation_data=validation,
             epochs=train["epochs"],
             class_weight=class_weights(y_train, len(classes), train["class_weight"]),
+            shuffle=False,  # the dataset reshuffles itself every epoch (seeded); Keras warns if asked to
             verbose=0,
             callbacks=[
                 keras.callbacks.EarlyStopping(

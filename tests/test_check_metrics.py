@@ -97,10 +97,26 @@ def test_an_unknown_baseline_exits_2_with_one_line(project: Path) -> None:
     assert "no-such-ref" in result.stderr and result.stderr.startswith("error: baseline")
 
 
-def test_a_baseline_without_metrics_exits_2(project: Path) -> None:
+def test_a_baseline_without_metrics_exits_2_and_says_what_to_commit(project: Path) -> None:
     result = gate(project, "--baseline", "HEAD~1")
     assert result.returncode == 2
-    assert "has no metrics" in result.stderr
+    assert "has no metrics to compare with" in result.stderr and "git commit" in result.stderr
+
+
+def test_removed_metrics_are_missing_not_regressed(project: Path) -> None:
+    for path in (project / "metrics").glob("*.json"):
+        path.unlink()
+    result = gate(project)
+    assert result.returncode == 1
+    assert "**18 missing**" in result.stdout and "regressed" not in result.stdout
+    assert "run dvc repro" in result.stdout
+    assert table_row(result.stdout, "accuracy", "vgg16")[-1] == "**MISSING**"
+
+
+def test_a_drop_and_a_missing_metric_are_counted_apart(project: Path) -> None:
+    write_metrics(project, "vgg16", accuracy=0.95, roc_auc=None)
+    result = gate(project)
+    assert "**1 regressed**, **1 missing**" in result.stdout
 
 
 def test_judge_rules() -> None:

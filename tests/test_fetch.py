@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
+import shutil
 import re
 import socket
 import subprocess
@@ -23,7 +25,7 @@ if str(PROJECT_ROOT) not in sys.path:
 
 from stages import fetch as fetch_module  # noqa: E402
 from stages.common import PipelineError  # noqa: E402
-from stages.fetch import fetch, pack_directory, partial_path  # noqa: E402
+from stages.fetch import Source, fetch, pack_directory, partial_path, read_record, write_record  # noqa: E402
 
 DATA = bytes(range(256)) * 400 + b"tail"  # 102 404 bytes, not a multiple of anything convenient
 HALF = len(DATA) // 2
@@ -360,6 +362,274 @@ def test_empty_folder_is_an_error(tmp_path: Path) -> None:
     assert "no files" in assert_one_line(error)
 
 
+# --- changed and unchanged sources ---------------------------------------------------------------
+#
+# DVC runs fetch on every `dvc repro` (always_changed); the archive must be rewritten exactly when the
+# source changed, since an archive with a new mtime but the same bytes is harmless to DVC, but one
+# left stale hides the change from every later stage.
+
+OLD = 1_600_000_000  # an mtime no fetch today could produce, so any rewrite of the archive shows
+
+
+def backdate(path: Path) -> int:
+    os.utime(path, (OLD, OLD))
+    return path.stat().st_mtime_ns
+
+
+def last_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The last line written to stderr since the last call (reading it empties the capture)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_unchanged_folder_leaves_the_archive_untouched(
+    tmp_path: Path, paths: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    fetch(str(folder), paths["target"], None)
+    before = paths["target"].read_bytes()
+    mtime = backdate(paths["target"])
+    record = paths["target"].with_name("source.json").read_bytes()
+    for path in folder.rglob("*"):
+        os.utime(path, (1_700_000_000, 1_700_000_000))  # touched, not changed
+    capsys.readouterr()
+    fetch(str(folder), paths["target"], None)
+    assert paths["target"].read_bytes() == before
+    assert paths["target"].stat().st_mtime_ns == mtime
+    assert paths["target"].with_name("source.json").read_bytes() == record
+    assert sorted(p.name for p in paths["target"].parent.iterdir()) == ["dataset.zip", "source.json"]
+    assert last_line(capsys).startswith("fetch: unchanged:")
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "edit", "rename"])
+def test_changed_folder_replaces_the_archive(
+    tmp_path: Path, paths: dict[str, Path], capsys: pytest.CaptureFixture[str], change: str
+) -> None:
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    fetch(str(folder), paths["target"], None)
+    before = paths["target"].read_bytes()
+    backdate(paths["target"])
+    cat = folder / "train" / "cats" / "cat.2.jpg"
+    if change == "add":
+        (folder / "train" / "dogs" / "dog.9.jpg").write_bytes(b"new dog")
+    elif change == "remove":
+        shutil.rmtree(folder / "validation" / "dogs")
+    elif change == "edit":
+        cat.write_bytes(b"cat TWO")  # same size, other bytes
+    else:
+        cat.rename(cat.with_name("cat.20.jpg"))
+    capsys.readouterr()
+    fetch(str(folder), paths["target"], None)
+    assert paths["target"].read_bytes() != before
+    assert paths["target"].stat().st_mtime_ns != OLD * 10**9
+    assert last_line(capsys).startswith("fetch: updated:")
+    fresh = tmp_path / "fresh.zip"
+    pack_directory(folder, fresh)
+    assert paths["target"].read_bytes() == fresh.read_bytes()  # exactly what the folder holds now
+    record = read_record(paths["target"].with_name("source.json"))
+    assert record == Source(str(folder), sha(fresh.read_bytes()), fresh.stat().st_size)
+    assert sorted(p.name for p in paths["target"].parent.iterdir()) == ["dataset.zip", "source.json"]
+
+
+def test_local_zip_is_copied_only_when_it_changed(
+    source_zip: Path, paths: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fetch(str(source_zip), paths["target"], None)
+    mtime = backdate(paths["target"])
+    capsys.readouterr()
+    fetch(str(source_zip), paths["target"], None)
+    assert paths["target"].stat().st_mtime_ns == mtime
+    assert last_line(capsys).startswith("fetch: unchanged:")
+    source_zip.write_bytes(DATA[::-1])
+    fetch(str(source_zip), paths["target"], None)
+    assert paths["target"].read_bytes() == DATA[::-1]
+    assert last_line(capsys).startswith("fetch: updated:")
+
+
+def test_changed_folder_with_a_pinned_sha256_keeps_the_old_archive(tmp_path: Path, paths: dict[str, Path]) -> None:
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    fetch(str(folder), paths["target"], None)
+    pinned = sha(paths["target"].read_bytes())
+    fetch(str(folder), paths["target"], pinned)  # unchanged and matching: fine
+    before = paths["target"].read_bytes()
+    (folder / "train" / "dogs" / "dog.9.jpg").write_bytes(b"new dog")
+    with pytest.raises(PipelineError) as error:
+        fetch(str(folder), paths["target"], pinned)
+    assert pinned in assert_one_line(error)
+    assert paths["target"].read_bytes() == before
+
+
+def send_versioned(request: http.server.BaseHTTPRequestHandler, body: bytes, etag: str, modified: str) -> None:
+    """Serve `body` as version `etag`, answering 304 to a conditional GET for that same version."""
+    if request.headers.get("If-None-Match") == etag:
+        request.send_response(304)
+        request.send_header("ETag", etag)
+        request.end_headers()
+        return
+    send(request, body, ETag=etag, Last_Modified=modified)
+
+
+MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
+
+
+def test_conditional_get_keeps_an_unchanged_download(
+    server: Server, paths: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.handle = lambda request: send_versioned(request, DATA, '"v1"', MODIFIED)
+    run_fetch(server, paths)
+    record_path = paths["target"].with_name("source.json")
+    record = json.loads(record_path.read_text())
+    # Only what identifies the data, nothing about when it was checked, so dvc.lock does not churn.
+    assert record == {
+        "url": server.url(),
+        "sha256": sha(DATA),
+        "size": len(DATA),
+        "etag": '"v1"',
+        "last_modified": MODIFIED,
+    }
+    mtime = backdate(paths["target"])
+    capsys.readouterr()
+    assert run_fetch(server, paths).read_bytes() == DATA
+    assert paths["target"].stat().st_mtime_ns == mtime
+    assert json.loads(record_path.read_text()) == record
+    second = server.requests[1]
+    assert second.get("If-None-Match") == '"v1"' and second.get("If-Modified-Since") == MODIFIED
+    assert "Range" not in second
+    line = last_line(capsys)
+    assert line.startswith("fetch: unchanged:") and "304" in line
+    assert not paths["partial_dir"].exists()
+
+
+def test_changed_etag_downloads_again(
+    server: Server, paths: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.handle = lambda request: send_versioned(request, DATA, '"v1"', MODIFIED)
+    run_fetch(server, paths)
+    new = DATA[::-1]
+    server.handle = lambda request: send_versioned(request, new, '"v2"', "Thu, 22 Oct 2015 07:28:00 GMT")
+    capsys.readouterr()
+    assert run_fetch(server, paths).read_bytes() == new
+    assert server.requests[1].get("If-None-Match") == '"v1"'
+    assert last_line(capsys).startswith("fetch: updated:")
+    record = read_record(paths["target"].with_name("source.json"))
+    assert record is not None and record.etag == '"v2"' and record.sha256 == sha(new)
+    assert not partial_path(server.url(), paths["partial_dir"]).exists()
+
+
+def test_new_etag_with_the_same_bytes_leaves_the_archive_untouched(
+    server: Server, paths: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.handle = lambda request: send_versioned(request, DATA, '"v1"', MODIFIED)
+    run_fetch(server, paths)
+    mtime = backdate(paths["target"])
+    server.handle = lambda request: send_versioned(request, DATA, '"v2"', MODIFIED)  # e.g. re-uploaded
+    capsys.readouterr()
+    run_fetch(server, paths)
+    assert paths["target"].stat().st_mtime_ns == mtime
+    assert last_line(capsys).startswith("fetch: unchanged:")
+    assert read_record(paths["target"].with_name("source.json")).etag == '"v2"'  # the next check asks for v2
+    assert not partial_path(server.url(), paths["partial_dir"]).exists()
+
+
+def test_a_changed_url_downloads_anew(server: Server, paths: dict[str, Path]) -> None:
+    server.handle = lambda request: send_versioned(request, DATA, '"v1"', MODIFIED)
+    run_fetch(server, paths)
+    other = server.url("/mirror/cats_and_dogs_filtered.zip")
+    fetch(other, paths["target"], None, partial_dir=paths["partial_dir"], **FAST)
+    assert "If-None-Match" not in server.requests[1] and "If-Modified-Since" not in server.requests[1]
+    assert read_record(paths["target"].with_name("source.json")).url == other
+
+
+def test_damaged_archive_is_downloaded_without_conditions(server: Server, paths: dict[str, Path]) -> None:
+    server.handle = lambda request: send_versioned(request, DATA, '"v1"', MODIFIED)
+    run_fetch(server, paths)
+    paths["target"].write_bytes(DATA[:HALF])  # no longer what source.json says was downloaded
+    assert run_fetch(server, paths).read_bytes() == DATA
+    assert "If-None-Match" not in server.requests[1]
+
+
+def test_pinned_sha256_matching_the_archive_makes_no_request(
+    server: Server, paths: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.handle = lambda request: send_versioned(request, DATA, '"v1"', MODIFIED)
+    run_fetch(server, paths, sha(DATA))
+    mtime = backdate(paths["target"])
+    capsys.readouterr()
+    run_fetch(server, paths, sha(DATA))
+    assert len(server.requests) == 1
+    assert paths["target"].stat().st_mtime_ns == mtime
+    line = last_line(capsys)
+    assert line.startswith("fetch: unchanged:") and "not contacted" in line
+    assert read_record(paths["target"].with_name("source.json")).etag == '"v1"'
+
+
+def test_pinned_sha256_missing_the_archive_asks_unconditionally(server: Server, paths: dict[str, Path]) -> None:
+    server.handle = lambda request: send_versioned(request, DATA, '"v1"', MODIFIED)
+    run_fetch(server, paths)
+    # A 304 to a conditional GET would keep an archive that is not the pinned one.
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, sha(DATA[::-1]))
+    assert "sha256 mismatch" in assert_one_line(error)
+    assert "If-None-Match" not in server.requests[1]
+    assert paths["target"].read_bytes() == DATA  # the mismatching download never replaced it
+
+
+def closed_port_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/cats_and_dogs_filtered.zip"
+
+
+def test_unreachable_server_keeps_the_earlier_download_with_a_warning(
+    paths: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr(fetch_module.time, "sleep", sleeps.append)
+    url = closed_port_url()
+    paths["target"].parent.mkdir(parents=True)
+    paths["target"].write_bytes(DATA)
+    mtime = backdate(paths["target"])
+    write_record(paths["target"].with_name("source.json"), Source(url, sha(DATA), len(DATA), '"v1"', MODIFIED))
+    fetch(url, paths["target"], None, partial_dir=paths["partial_dir"], **FAST)
+    assert paths["target"].stat().st_mtime_ns == mtime
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: "), lines
+    assert url in lines[0] and "data/raw/dataset.zip" in lines[0] and "cannot be reached" in lines[0]
+    assert sleeps == []  # with a copy to fall back on, an outage is not waited out
+
+
+def test_unreachable_server_with_an_archive_from_another_url_is_an_error(paths: dict[str, Path]) -> None:
+    url = closed_port_url()
+    paths["target"].parent.mkdir(parents=True)
+    paths["target"].write_bytes(DATA)
+    write_record(paths["target"].with_name("source.json"), Source("http://elsewhere/x.zip", sha(DATA), len(DATA)))
+    with pytest.raises(PipelineError) as error:
+        fetch(url, paths["target"], None, partial_dir=paths["partial_dir"], **{**FAST, "backoff_s": 0})
+    assert "cannot be reached" in assert_one_line(error) and url in str(error.value)
+
+
+def test_failing_server_keeps_the_earlier_download_but_a_404_is_an_error(
+    server: Server, paths: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.handle = lambda request: send_versioned(request, DATA, '"v1"', MODIFIED)
+    run_fetch(server, paths)
+    server.handle = lambda request: send(request, b"oops", 503)
+    capsys.readouterr()
+    assert run_fetch(server, paths).read_bytes() == DATA
+    assert len(server.requests) == 1 + FAST["attempts"]  # reachable, so retried as before
+    line = last_line(capsys)
+    assert line.startswith("warning: ") and "503" in line and server.url() in line
+    server.handle = lambda request: send(request, b"gone", 404)
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths)
+    assert "404" in assert_one_line(error)
+    assert paths["target"].read_bytes() == DATA
+
+
 # --- the stage as DVC runs it --------------------------------------------------------------------
 
 
@@ -387,8 +657,18 @@ def test_stage_writes_the_raw_archive(tmp_path: Path) -> None:
     workdir.mkdir()
     result = run_stage(workdir, source.as_uri())
     assert result.returncode == 0, result.stderr
-    assert (workdir / "data" / "raw" / "dataset.zip").read_bytes() == source.read_bytes()
+    archive = workdir / "data" / "raw" / "dataset.zip"
+    assert archive.read_bytes() == source.read_bytes()
     assert sha(source.read_bytes()) in result.stdout
+    assert read_record(workdir / "data" / "raw" / "source.json") == Source(
+        source.as_uri(), sha(source.read_bytes()), source.stat().st_size
+    )
+    mtime = backdate(archive)
+    again = run_stage(workdir, source.as_uri())
+    assert again.returncode == 0, again.stderr
+    assert archive.stat().st_mtime_ns == mtime
+    assert again.stderr.strip().splitlines()[-1].startswith("fetch: unchanged:")
+    assert sha(source.read_bytes()) in again.stdout
 
 
 def test_stage_with_a_bad_url_prints_one_error_line(tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
+import yaml
 
 from stages.common import atomic_path, write_json
 from tests.helpers import make_project, run
@@ -39,6 +41,25 @@ def leftovers(project: Path) -> list[Path]:
     return [p for p in project.rglob("*.tmp-*") if ".dvc" not in p.parts and ".git" not in p.parts]
 
 
+def repro_killed_mid_stage(project: Path, stage: str, target: str, during: Callable[[], None] = lambda: None) -> None:
+    """Run `dvc repro target`, wait until `stage` has started working, call `during`, then SIGKILL it all."""
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(project)}
+    repro = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", target], cwd=project, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for line in repro.stdout:  # wait until the stage under test has started working
+            if f"Running stage '{stage}'" in line:
+                break
+        time.sleep(3.0)
+        assert repro.poll() is None, "the stage finished before it could be killed; give it more work"
+        during()
+    finally:
+        os.killpg(repro.pid, signal.SIGKILL)  # the whole group: dvc and the stage it started
+        repro.wait()
+
+
 @pytest.mark.parametrize("stage", ["features@resnet50", "train@resnet50"])
 def test_a_stage_killed_mid_run_is_recomputed(tmp_path: Path, stage: str) -> None:
     archive = write_dataset_zip(tmp_path / "images.zip", n_train=150, n_test=50, size=64)
@@ -50,20 +71,7 @@ def test_a_stage_killed_mid_run_is_recomputed(tmp_path: Path, stage: str) -> Non
             "model": "resnet50",
         },
     )
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(project)}
-    repro = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", stage], cwd=project, env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        for line in repro.stdout:  # wait until the stage under test has started working
-            if f"Running stage '{stage}'" in line:
-                break
-        time.sleep(3.0)
-        assert repro.poll() is None, "the stage finished before it could be killed; give it more work"
-    finally:
-        os.killpg(repro.pid, signal.SIGKILL)  # the whole group: dvc and the stage it started
-        repro.wait()
+    repro_killed_mid_stage(project, stage, stage)
     outputs = {
         "features@resnet50": ["data/features/resnet50"],
         "train@resnet50": ["models/resnet50/head.keras", "metrics/train/resnet50"],
@@ -75,3 +83,33 @@ def test_a_stage_killed_mid_run_is_recomputed(tmp_path: Path, stage: str) -> Non
     assert f"Running stage '{stage}'" in result.stdout
     assert all((project / output).exists() for output in outputs)
     assert leftovers(project) == []
+
+
+def test_the_shipped_model_stays_while_a_new_one_trains_and_after_it_is_killed(tmp_path: Path) -> None:
+    archive = write_dataset_zip(tmp_path / "images.zip", n_train=40, n_test=10, size=48)
+    project = make_project(
+        tmp_path / "project",
+        {
+            "data": {"url": archive.as_uri()},
+            "backbones": {"mobilenet": {"arch": "MobileNetV2", "image_size": 32, "weights": None}},
+            "model": "mobilenet",
+            "finetune": {"unfreeze": 10, "epochs": 1, "batch_size": 8, "patience": 1},
+        },
+    )
+    run([sys.executable, "-m", "dvc", "repro"], project)
+    shipped = {name: (project / "models" / name).read_bytes() for name in ("model.keras", "labels.json")}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"]["epochs"] = 200  # a new, long fine-tune
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    image = next((project / "data/prepared").rglob("*.jpg"))
+
+    def predict_works() -> None:
+        for name, content in shipped.items():
+            assert (project / "models" / name).read_bytes() == content, name
+        result = run([sys.executable, "-m", "stages.predict", str(image)], project)
+        assert result.stdout.count("\t") == 2
+
+    repro_killed_mid_stage(project, "finetune", "ship", during=predict_works)
+    assert not (project / "models/finetuned.keras").exists()  # DVC removed finetune's own output
+    predict_works()
+    assert "finetune" in run([sys.executable, "-m", "dvc", "status", "finetune"], project).stdout

@@ -87,8 +87,10 @@ def test_separable_classes_are_learned(project: Path) -> None:
 
 def test_second_repro_does_nothing(project: Path) -> None:
     result = dvc(project, "repro")
-    assert "Running stage" not in result.stdout + result.stderr
-    assert json.loads(dvc(project, "status", "--json").stdout) == {}
+    # fetch checks its source on every run (always_changed) and leaves the unchanged archive as it is.
+    assert stages_run(result.stdout) == {"fetch"}
+    assert "fetch: unchanged" in result.stderr and "Stage 'prepare' didn't change, skipping" in result.stdout
+    assert json.loads(dvc(project, "status", "--json").stdout) == {"fetch": ["always changed"]}
 
 
 def test_dvc_metrics_and_plots_list_every_backbone(project: Path) -> None:
@@ -117,7 +119,9 @@ def test_changing_one_backbone_reruns_only_its_stages(project: Path) -> None:
         result = dvc(project, "repro")
     finally:
         params_file.write_text(original)
-    assert stages_run(result.stdout) == {"features@resnet50", "train@resnet50", "evaluate@resnet50", "aggregate"}
+    assert stages_run(result.stdout) - {"fetch"} == {
+        "validate", "features@resnet50", "train@resnet50", "evaluate@resnet50", "aggregate"
+    }
     dvc(project, "repro")  # back to the committed parameters (restored from DVC's run cache)
 
 
@@ -187,11 +191,60 @@ def test_predict_without_a_model_exits_2(project: Path, tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.strip().startswith("error:")
 
 
+def outputs_by_path(project: Path) -> dict[str, bytes]:
+    """Every result a mistake could cost: models, features, metrics, reports (pictures, predictions)."""
+    roots = ["models", "data/features", "metrics", "reports"]
+    return {str(p.relative_to(project)): p.read_bytes() for root in roots for p in (project / root).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "mistake, message",
+    [
+        (["-S", "model=nonexistent"], "model: 'nonexistent' is not a backbone"),
+        (["-S", "train.epochs=-5"], "train.epochs: must be between 1 and 10000, got -5"),
+        (["-S", "backbones={}"], "backbones: must map at least one name"),
+    ],
+)
+def test_a_parameter_mistake_costs_no_result(project: Path, mistake: list[str], message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "results before the mistake", "--allow-empty"], project)
+    before = outputs_by_path(project)
+    result = dvc(project, "exp", "run", *mistake, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr and "git checkout params.yaml" in result.stderr
+    assert stages_run(result.stdout) == {"validate"}
+    assert outputs_by_path(project) == before
+    run(["git", "checkout", "params.yaml"], project)  # what the error says to do
+    assert json.loads(dvc(project, "status", "--json").stdout) == {"fetch": ["always changed"]}
+
+
+def test_a_failing_stage_says_how_to_restore_what_dvc_removed(project: Path) -> None:
+    features = project / "data/features/resnet50/features.npz"
+    before = features.read_bytes()
+    (project / "broken.weights.h5").write_bytes(b"not a weights file")
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["backbones"]["resnet50"]["weights"] = "broken.weights.h5"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = dvc(project, "repro", "features@resnet50", check=False)
+    finally:
+        params_file.write_text(original)
+        (project / "broken.weights.h5").unlink()
+    assert result.returncode != 0 and not features.exists()  # DVC removed the output before the stage ran
+    assert "error: cannot build ResNet50" in result.stderr
+    assert "`dvc checkout features@resnet50` restores" in result.stderr
+    dvc(project, "checkout", "features@resnet50")
+    assert features.read_bytes() == before
+    assert json.loads(dvc(project, "status", "--json").stdout) == {"fetch": ["always changed"]}
+
+
 def test_exp_run_with_another_model_reruns_only_the_shipping_stages(project: Path) -> None:
     run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "baseline results"], project)
+    run(["git", "commit", "-qm", "baseline results", "--allow-empty"], project)
     result = dvc(project, "exp", "run", "-S", "model=resnet50")
-    assert stages_run(result.stdout) == {"finetune", "evaluate_model", "aggregate"}
+    assert stages_run(result.stdout) - {"fetch"} == {"validate", "finetune", "ship", "evaluate_model", "aggregate"}
     assert json.loads((project / "metrics/model.json").read_text())["backbone"] == "resnet50"
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
     assert "metrics/model.json" in diff

@@ -254,6 +254,79 @@ def test_class_left_without_usable_images_is_an_error_naming_it(tmp_path, monkey
         run_prepare(tmp_path, monkeypatch, entries)
 
 
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        pytest.param(
+            two_level({"cats": 1, "dogs": 3}, {"cats": 1, "dogs": 1}),
+            r"folder dataset/train/cats/ in data/raw/dataset\.zip \(class 'cats'\) has 1 usable image; "
+            r"the class needs at least 2 there \(1 for validation, 1 for training\): add images",
+            id="train/validation: val carved from train",
+        ),
+        pytest.param(
+            two_level({"cats": 1, "dogs": 3}, {"cats": 1, "dogs": 1}) | {"dataset/train/cats/x.jpg": b"text"},
+            r"dataset/train/cats/ .*\(class 'cats'\) has 1 usable image \(1 more skipped, e\.g\. x\.jpg: not an "
+            r"image\); the class needs at least 2",
+            id="train/validation: skipped files do not count",
+        ),
+        pytest.param(
+            class_images("", {"roses": 5, "tulips": 2}),
+            r"folder tulips/ in data/raw/dataset\.zip \(class 'tulips'\) has 2 usable images; the class needs "
+            r"at least 3 there \(1 each for the test, validation and training splits\)",
+            id="class folders: test and val carved",
+        ),
+    ],
+)
+def test_class_too_small_for_every_split_is_one_line_naming_it(tmp_path, monkeypatch, entries, expected):
+    with pytest.raises(PipelineError, match=expected) as error:
+        run_prepare(tmp_path, monkeypatch, entries)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / PREPARED_DIR).exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("entries", "settings"),
+    [
+        pytest.param(two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1}), {}, id="train/validation"),
+        pytest.param(two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1}), {"val_fraction": 0.9},
+                     id="train/validation, large val_fraction"),
+        pytest.param(class_images("", {"roses": 3, "tulips": 3}), {}, id="class folders"),
+        # Carving the test split first must leave one image for validation, however large test_fraction is.
+        pytest.param(class_images("", {"roses": 3, "tulips": 3}), {"test_fraction": 0.9, "val_fraction": 0.9},
+                     id="class folders, large fractions"),
+    ],
+)
+def test_class_exactly_at_the_needed_count_reaches_every_split(tmp_path, monkeypatch, entries, settings):
+    report, rows = run_prepare(tmp_path, monkeypatch, entries, **settings)
+    assert {split: set(labels.values()) for split, labels in report["counts"].items()} == {
+        "train": {1}, "val": {1}, "test": {1},
+    }
+    assert len(rows) == 6
+
+
+def test_class_under_the_minimum_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    minimum = prepare_module.MIN_TRAIN_IMAGES
+    # val_fraction 0.5 takes half of train/<class>: cats keep exactly the minimum, dogs one image less.
+    entries = two_level({"cats": 2 * minimum, "dogs": 2 * (minimum - 1)}, {"cats": 1, "dogs": 1})
+    capsys.readouterr()
+    report, _ = run_prepare(tmp_path, monkeypatch, entries, val_fraction=0.5)
+
+    assert report["counts"]["train"] == {"cats": minimum, "dogs": minimum - 1}
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"warning: {report['warnings'][0]['message']}"]
+    assert lines[0].startswith(f"warning: class 'dogs' has {minimum - 1} training images")
+    assert "dataset/train/dogs/ in data/raw/dataset.zip" in lines[0] and f"minimum of {minimum}" in lines[0]
+    assert [{k: v for k, v in w.items() if k != "message"} for w in report["warnings"]] == [
+        {"class": "dogs", "train_images": minimum - 1, "minimum": minimum}
+    ]
+    assert json.loads((tmp_path / "data/prepared/report.json").read_text())["warnings"] == report["warnings"]
+
+    run_prepare(tmp_path, monkeypatch, two_level({"cats": 2 * minimum, "dogs": 2 * minimum}, {"cats": 1, "dogs": 1}),
+                val_fraction=0.5)
+    assert capsys.readouterr().err == ""
+    assert json.loads((tmp_path / "data/prepared/report.json").read_text())["warnings"] == []
+
+
 # --- safe unpacking -----------------------------------------------------------------------------------
 
 
@@ -491,6 +564,7 @@ def test_command_line_success_and_errors(tmp_path):
     for project, kwargs in [
         ("notzip", {"raw": b"<html>not found</html>"}),
         ("oneclass", {"entries": two_level({"cats": 3}, {"cats": 1})}),
+        ("tinyclass", {"entries": two_level({"cats": 1, "dogs": 3}, {"cats": 1, "dogs": 1})}),
     ]:
         failed = run_stage(tmp_path / project, **kwargs)
         assert failed.returncode == 1
