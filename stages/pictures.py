@@ -16,6 +16,8 @@ import numpy as np
 from stages.common import atomic_path
 
 MAX_ERRORS_SHOWN = 24
+MAX_ANNOTATED_CLASSES = 30  # confusion matrices with more classes show colours, not counts
+MAX_LEGEND_CLASSES = 12  # ROC plots with more curves show their mean AUC instead of a legend
 # The share of the figure's width a title may take: layouts move axes but never shrink or wrap text.
 TITLE_ROOM = 0.94
 # Tried first, in this order, for characters the default font (DejaVu Sans) lacks: the usual fonts with
@@ -177,16 +179,25 @@ def confusion_matrix(matrix: np.ndarray, classes: list[str], title: str, path: P
 
 
 def confusion_figure(matrix: np.ndarray, labels: list[str], title: str) -> Any:
-    """`labels`: the class names as `class_names` writes them."""
-    size = 2.5 + 0.6 * len(labels)
+    """`labels`: the class names as `class_names` writes them.
+
+    Up to MAX_ANNOTATED_CLASSES classes every cell shows its count; beyond that the colours alone do, in a
+    figure of bounded size (a hundred classes would otherwise draw ten thousand numbers on a 60-inch page).
+    """
+    annotated = len(labels) <= MAX_ANNOTATED_CLASSES
+    size = 2.5 + 0.6 * min(len(labels), MAX_ANNOTATED_CLASSES)
     fig, ax = pyplot().subplots(figsize=(size, size), layout="tight")
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
+    image = ax.imshow(matrix, cmap="Blues")
+    tick_size = None if annotated else max(3.0, 10.0 * MAX_ANNOTATED_CLASSES / len(labels))
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if annotated else 90, ha="right", fontsize=tick_size)
+    ax.set_yticks(range(len(labels)), labels, fontsize=tick_size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
+    if annotated:
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
+    else:
+        fig.colorbar(image, ax=ax, shrink=0.6, label="images")
     figure_title(fig, title)
     return fig
 
@@ -200,13 +211,19 @@ def roc_curves(records: list[dict[str, Any]], title: str, path: Path) -> None:
 def roc_figure(records: list[dict[str, Any]], shown: dict[str, str], title: str) -> Any:
     """`shown`: each class name as `class_names` writes it."""
     fig, ax = pyplot().subplots(figsize=(4.5, 4.2), layout="tight")
-    for name, area in roc_auc(records).items():
+    areas = roc_auc(records)
+    for name, area in areas.items():
         points = [r for r in records if r["class"] == name]
         ax.plot([p["fpr"] for p in points], [p["tpr"] for p in points], label=f"{shown[name]} (AUC {area:.4f})")
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    if records:
+    if len(areas) > MAX_LEGEND_CLASSES:
+        # A legend of a hundred curves hides the plot; the mean says what the curves do together.
+        mean = sum(areas.values()) / len(areas)
+        ax.text(0.98, 0.02, f"{len(areas)} one-vs-rest curves\nmean AUC {mean:.4f}", ha="right", va="bottom",
+                transform=ax.transAxes, fontsize=8)
+    elif records:
         ax.legend(title="positive class", fontsize=8, loc="lower right")
     figure_title(fig, title)
     return fig

@@ -6,6 +6,13 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from stages.common import PipelineError
+
+# How far from 1 a row of class probabilities may sum and still be taken for float error. A float32 softmax
+# is off by about 1e-7 per class, too much for scikit-learn's multiclass ROC AUC (1e-5) once there are
+# thousands of classes; a row off by more than this is not a probability distribution at all.
+ROW_SUM_TOLERANCE = 1e-3
+
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:
     """(n, n_classes) probabilities from a sigmoid head's (n, 1) or a softmax head's (n, C) output."""
@@ -16,12 +23,31 @@ def class_probabilities(outputs: np.ndarray) -> np.ndarray:
     return outputs
 
 
+def normalised_rows(probabilities: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum, so it sums to 1 within float64 error.
+
+    Refuses rows that are not probabilities: a negative or non-finite value, or a sum further than
+    ROW_SUM_TOLERANCE from 1 (logits, a multi-label sigmoid head, a diverged model's NaN).
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    sums = probabilities.sum(axis=1)
+    bad = ~np.isfinite(sums) | (np.abs(sums - 1.0) > ROW_SUM_TOLERANCE) | (probabilities < 0).any(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise PipelineError(
+            f"the model's outputs are not class probabilities: row {row} of {len(sums)} sums to {sums[row]:.6g} "
+            f"({int(bad.sum())} such rows); scoring needs a softmax output (a sigmoid for two classes)"
+        )
+    return probabilities / sums[:, np.newaxis]
+
+
 def classification_scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
-    """accuracy, precision, recall, f1, roc_auc, loss and n_test.
+    """accuracy, precision, recall, f1, roc_auc, loss and n_test, from unrounded probabilities.
 
     Two classes: precision/recall/F1 of the second class (e.g. `dogs`) and the plain ROC AUC.
     More classes: macro averages and one-vs-rest ROC AUC, so every class counts equally.
     """
+    probabilities = normalised_rows(probabilities)
     n_classes = probabilities.shape[1]
     labels = list(range(n_classes))
     y_pred = probabilities.argmax(axis=1)

@@ -244,3 +244,31 @@ def test_pictures_with_cjk_class_names_draw_no_empty_boxes(tmp_path: Path) -> No
     no_missing_glyph_warnings(lambda: pictures.misclassified_grid(errors, "t", tmp_path / "e.png"))
     for name in ("c.png", "r.png", "e.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_hundred_class_confusion_matrix_stays_bounded_and_unannotated() -> None:
+    from stages import pictures
+
+    labels = [f"c{i:03d}" for i in range(100)]
+    matrix = np.eye(100, dtype=int) * 5
+    fig = pictures.confusion_figure(matrix, labels, "many classes")
+    ax = fig.axes[0]
+    assert max(fig.get_size_inches()) <= 2.5 + 0.6 * pictures.MAX_ANNOTATED_CLASSES
+    assert len(ax.texts) == 0 and len(fig.axes) == 2  # no per-cell counts; a colour bar instead
+    few = pictures.confusion_figure(np.eye(3, dtype=int), labels[:3], "three")
+    assert len(few.axes[0].texts) == 9
+
+
+def test_a_roc_plot_of_many_classes_shows_their_mean_auc_instead_of_a_legend() -> None:
+    from stages import pictures
+
+    records = [
+        {"class": f"c{i}", "fpr": fpr, "tpr": tpr, "threshold": 0.5}
+        for i in range(20)
+        for fpr, tpr in ((0.0, 0.0), (0.0, 0.5 + i / 40), (1.0, 1.0))
+    ]
+    fig = pictures.roc_figure(records, {f"c{i}": f"c{i}" for i in range(20)}, "many")
+    ax = fig.axes[0]
+    assert ax.get_legend() is None
+    expected = np.mean([0.5 + i / 40 for i in range(20)]) / 2 + 0.5
+    assert [t.get_text() for t in ax.texts] == [f"20 one-vs-rest curves\nmean AUC {expected:.4f}"]

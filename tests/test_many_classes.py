@@ -1,0 +1,118 @@
+"""Many classes: 100 classes of 5 images each end to end with `dvc repro`, and the scoring of such models.
+
+With a hundred classes every probability is small, so rounding each one (to 6 decimals, say) can move a
+row's sum further from 1 than scikit-learn's multiclass ROC AUC accepts (1e-5): scores must come from
+unrounded probabilities. Whether rounding breaks a given row depends on its values, so the end-to-end run
+(random backbone, nearly uniform outputs) shows the pipeline works, and a model that is exactly uniform over
+120 classes (1/120 rounds to 0.008333; rows sum to 0.99996) reproduces the crash every time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages.common import PipelineError
+from stages.predict import predict_files
+from stages.scoring import classification_scores
+from tests.helpers import make_project, run
+from tests.synthetic import encode, synthetic_image
+
+N_CLASSES = 100
+PER_CLASS = 5
+CLASSES = [f"c{index:03d}" for index in range(N_CLASSES)]
+
+
+def class_tree(root: Path) -> Path:
+    """A single <class>/ tree; prepare keeps 1 test, 1 validation and 3 training images of each class."""
+    rng = np.random.default_rng(11)
+    for index, name in enumerate(CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for n in range(PER_CLASS):
+            (folder / f"{n}.jpg").write_bytes(encode(synthetic_image(index, rng, 32)))
+    return root
+
+
+def test_hundred_classes_end_to_end(tmp_path: Path) -> None:
+    project = make_project(
+        tmp_path / "project",
+        {
+            "data": {"url": str(class_tree(tmp_path / "images")), "test_fraction": 0.2},
+            "backbones": {"mobilenet": {"arch": "MobileNetV2", "image_size": 32, "weights": None}},
+            "model": "mobilenet",
+            "train": {"epochs": 5, "patience": 2},
+            "finetune": {"epochs": 1, "batch_size": 32, "patience": 1},
+        },
+    )
+    result = run([sys.executable, "-m", "dvc", "repro"], project)
+    ran = set(re.findall(r"Running stage '([^']+)'", result.stdout))
+    assert {"evaluate@mobilenet", "finetune", "evaluate_model", "aggregate"} <= ran
+
+    assert json.loads((project / "data/prepared/classes.json").read_text()) == CLASSES
+    for name in ("mobilenet", "model"):
+        metrics = json.loads((project / f"metrics/{name}.json").read_text())
+        assert metrics["n_test"] == N_CLASSES, name
+        assert math.isfinite(metrics["roc_auc"]) and 0.0 <= metrics["roc_auc"] <= 1.0, (name, metrics)
+        assert math.isfinite(metrics["loss"]), (name, metrics)
+        predictions = pd.read_csv(project / f"reports/evaluation/{name}/predictions.csv")
+        assert len(predictions) == N_CLASSES and set(predictions["actual"]) == set(CLASSES)
+    summary = json.loads((project / "metrics/summary.json").read_text())
+    assert set(summary["backbones"]) == {"mobilenet", "model"}
+    assert sorted(pd.read_csv(project / "reports/comparison.csv")["backbone"]) == ["mobilenet", "model"]
+
+
+def uniform_model(n_classes: int):
+    """Raw RGB of any size -> the same 1 / n_classes for every class (a zero Dense layer before the softmax)."""
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", kernel_initializer="zeros")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_a_model_unsure_among_120_classes_is_scored(tmp_path: Path) -> None:
+    """The issue's crash: evaluate_model's path (predict_files, then classification_scores) on 120 classes."""
+    n_classes = 120
+    rng = np.random.default_rng(0)
+    images = []
+    for index in range(n_classes):
+        images.append(tmp_path / f"{index}.png")
+        images[-1].write_bytes(encode(synthetic_image(index, rng, 8), "PNG"))
+    labels = [f"c{index:03d}" for index in range(n_classes)]
+    predictions = list(predict_files(uniform_model(n_classes), labels, images))
+    probabilities = np.array([p.probabilities for p in predictions])
+    scores = classification_scores(np.arange(n_classes), probabilities)
+    assert scores["roc_auc"] == 0.5 and scores["n_test"] == n_classes  # every score tied
+    assert np.abs(probabilities.sum(axis=1) - 1).max() < 1e-6  # the model's own float32 values, unrounded
+
+
+def near_uniform(n_rows: int, n_classes: int, seed: int = 0) -> np.ndarray:
+    """Softmax rows of small logits: every probability near 1 / n_classes, as from an untrained head."""
+    logits = np.random.default_rng(seed).normal(0, 0.5, (n_rows, n_classes))
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def test_rows_off_by_float_error_are_scored() -> None:
+    """Rows a little off 1 (float32 arithmetic over thousands of classes) are renormalised, not refused."""
+    probabilities = near_uniform(N_CLASSES, N_CLASSES)
+    probabilities[:, 0] += 2e-5  # each row now sums to 1.00002: scikit-learn alone would refuse it
+    y_true = np.arange(N_CLASSES)
+    scores = classification_scores(y_true, probabilities)
+    exact = classification_scores(y_true, near_uniform(N_CLASSES, N_CLASSES))
+    assert math.isfinite(scores["roc_auc"]) and scores["roc_auc"] == pytest.approx(exact["roc_auc"], abs=1e-3)
+    assert scores["n_test"] == N_CLASSES
+
+
+def test_rows_that_are_not_probabilities_are_refused() -> None:
+    outputs = near_uniform(4, 3) * 2  # e.g. logits or a multi-label sigmoid head, not a softmax
+    with pytest.raises(PipelineError, match="not class probabilities: row 0 of 4 sums to 2 "):
+        classification_scores(np.array([0, 1, 2, 0]), outputs)
