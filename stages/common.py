@@ -39,6 +39,14 @@ class PipelineError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name: for one-line errors."""
+    # KeyError's str() wraps its message in quotes.
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def recovery_hint(stage: str | None) -> str:
     """How to get back what DVC removed before running `stage` (it deletes a stage's outputs first)."""
     if not stage or stage == "validate":

@@ -16,7 +16,9 @@ import numpy as np
 
 from stages import progress
 from stages.backbones import build_extractor, get_backbone
-from stages.common import FEATURES_DIR, PipelineError, atomic_dir, seed_everything, stage_main, write_json
+from stages.common import (
+    FEATURES_DIR, PipelineError, atomic_dir, first_line, seed_everything, stage_main, write_json,
+)
 from stages.datasets import SPLITS, augmentation_layers, image_dataset, read_manifest, split_rows
 from stages.models import inference_function
 from stages.params import extraction_precision, load_params, resolve_weights
@@ -31,14 +33,14 @@ def load_extractor(
     try:
         extractor, base = build_extractor(spec["arch"], spec["image_size"], weights, seed, precision)
     except Exception as error:  # Keras raises a bare Exception when a weights download fails
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if weights in backbone.named_weights and "fetch failure" in first_line:
+        reason = first_line(error)
+        if weights in backbone.named_weights and "fetch failure" in reason:
             raise PipelineError(
-                f"cannot download the {weights} weights of {spec['arch']} ({first_line}); without internet, set "
+                f"cannot download the {weights} weights of {spec['arch']} ({reason}); without internet, set "
                 f"backbones.{key}.weights to a local Keras weights file, or to null for random initialisation"
             ) from None
         raise PipelineError(
-            f"cannot build {spec['arch']} with backbones.{key}.weights={spec['weights']!r}: {first_line}"
+            f"cannot build {spec['arch']} with backbones.{key}.weights={spec['weights']!r}: {reason}"
         ) from None
     return extractor, base.count_params()
 

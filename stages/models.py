@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import importlib
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from stages.backbones import REGISTRY
-from stages.common import PipelineError, atomic_path
+from stages.common import PipelineError, atomic_path, first_line
 
 if TYPE_CHECKING:
     import keras
@@ -63,10 +64,13 @@ def load_model(path: Path | str) -> "keras.Model":
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path} not found; run dvc repro to build it")
+    # Keras says `File not found` for any .keras file that is not a zip archive, which misleads.
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise PipelineError(f"cannot load {path}: not a .keras archive (damaged or incomplete); rebuild it with dvc repro")
     try:
         return keras.models.load_model(path)
-    except (ValueError, OSError) as error:
-        raise PipelineError(f"{path} cannot be loaded ({str(error).splitlines()[0]}); rerun dvc repro") from None
+    except Exception as error:  # a damaged archive raises ValueError, KeyError, JSONDecodeError, TypeError, ...
+        raise PipelineError(f"cannot load {path}: {first_line(error).rstrip('.')}; rebuild it with dvc repro") from None
 
 
 def inference_function(forward: Callable[[Any], Any], input_shape: tuple[int | None, ...]) -> Callable[[Any], Any]:

@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
@@ -79,13 +78,6 @@ def image_files(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def first_line(error: BaseException) -> str:
-    # KeyError's str() wraps its message in quotes.
-    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def check_model_file(path: Path, remedy: str) -> None:
     if path.is_dir():
         raise PipelineError(f"{path} is a folder, not a model file; pass the .keras file inside it")
@@ -108,24 +100,6 @@ def read_labels(model_path: Path) -> list[str]:
     return classes
 
 
-def open_model(path: Path) -> Any:
-    """stages.models.load_model, every failure worded `cannot load PATH: REASON; ...`."""
-    # Keras says `File not found` for any .keras file that is not a zip archive, which misleads.
-    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
-        raise unloadable(path, "not a .keras archive (damaged or incomplete)")
-    try:
-        return load_model(path)
-    except PipelineError as error:
-        # load_model words it `PATH cannot be loaded (REASON)`; the Keras error it wraps is the reason.
-        raise unloadable(path, first_line(error.__context__ or error)) from None
-    except Exception as error:  # a damaged archive raises KeyError, JSONDecodeError, TypeError, ...
-        raise unloadable(path, first_line(error)) from None
-
-
-def unloadable(path: Path, reason: str) -> PipelineError:
-    return PipelineError(f"cannot load {path}: {reason.rstrip('.')}; rebuild it with dvc repro")
-
-
 def check_outputs(model: Any, labels: list[str], model_path: Path) -> None:
     expected = 1 if len(labels) == 2 else len(labels)  # two classes: one sigmoid output
     outputs = model.output_shape[-1]
@@ -140,7 +114,7 @@ def load_classifier(model_path: Path, remedy: str = "run dvc repro to build it")
     """The model and its class names (labels.json beside it); `remedy` says what to do when it is missing."""
     check_model_file(model_path, remedy)
     labels = read_labels(model_path)
-    model = open_model(model_path)
+    model = load_model(model_path)
     check_outputs(model, labels, model_path)
     return model, labels
 
