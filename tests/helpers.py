@@ -63,3 +63,11 @@ def make_project(root: Path, overrides: dict[str, Any]) -> Path:
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "pipeline"], root)
     return root
+
+
+def one_backbone_project(
+    root: Path, data_url: str, key: str, arch: str, image_size: int, **sections: Any
+) -> Path:
+    """make_project with a single randomly initialised backbone, shipped as `model`, plus `sections`."""
+    backbone = {key: {"arch": arch, "image_size": image_size, "weights": None}}
+    return make_project(root, {"data": {"url": data_url}, "backbones": backbone, "model": key, **sections})

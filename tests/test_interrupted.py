@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from stages.common import atomic_path, write_json
-from tests.helpers import make_project, run
+from tests.helpers import one_backbone_project, run
 from tests.synthetic import write_dataset_zip
 
 
@@ -63,14 +63,7 @@ def repro_killed_mid_stage(project: Path, stage: str, target: str, during: Calla
 @pytest.mark.parametrize("stage", ["features@resnet50", "train@resnet50"])
 def test_a_stage_killed_mid_run_is_recomputed(tmp_path: Path, stage: str) -> None:
     archive = write_dataset_zip(tmp_path / "images.zip", n_train=150, n_test=50, size=64)
-    project = make_project(
-        tmp_path / "project",
-        {
-            "data": {"url": archive.as_uri()},
-            "backbones": {"resnet50": {"arch": "ResNet50", "image_size": 64, "weights": None}},
-            "model": "resnet50",
-        },
-    )
+    project = one_backbone_project(tmp_path / "project", archive.as_uri(), "resnet50", "ResNet50", 64)
     repro_killed_mid_stage(project, stage, stage)
     outputs = {
         "features@resnet50": ["data/features/resnet50"],
@@ -87,14 +80,9 @@ def test_a_stage_killed_mid_run_is_recomputed(tmp_path: Path, stage: str) -> Non
 
 def test_the_shipped_model_stays_while_a_new_one_trains_and_after_it_is_killed(tmp_path: Path) -> None:
     archive = write_dataset_zip(tmp_path / "images.zip", n_train=40, n_test=10, size=48)
-    project = make_project(
-        tmp_path / "project",
-        {
-            "data": {"url": archive.as_uri()},
-            "backbones": {"mobilenet": {"arch": "MobileNetV2", "image_size": 32, "weights": None}},
-            "model": "mobilenet",
-            "finetune": {"unfreeze": 10, "epochs": 1, "batch_size": 8, "patience": 1},
-        },
+    project = one_backbone_project(
+        tmp_path / "project", archive.as_uri(), "mobilenet", "MobileNetV2", 32,
+        finetune={"unfreeze": 10, "epochs": 1, "batch_size": 8, "patience": 1},
     )
     run([sys.executable, "-m", "dvc", "repro"], project)
     shipped = {name: (project / "models" / name).read_bytes() for name in ("model.keras", "labels.json")}

@@ -21,7 +21,7 @@ import pytest
 from stages.common import PipelineError
 from stages.predict import predict_files
 from stages.scoring import classification_scores
-from tests.helpers import make_project, run
+from tests.helpers import one_backbone_project, run
 from tests.synthetic import encode, synthetic_image
 
 N_CLASSES = 100
@@ -41,15 +41,10 @@ def class_tree(root: Path) -> Path:
 
 
 def test_hundred_classes_end_to_end(tmp_path: Path) -> None:
-    project = make_project(
-        tmp_path / "project",
-        {
-            "data": {"url": str(class_tree(tmp_path / "images")), "test_fraction": 0.2},
-            "backbones": {"mobilenet": {"arch": "MobileNetV2", "image_size": 32, "weights": None}},
-            "model": "mobilenet",
-            "train": {"epochs": 5, "patience": 2},
-            "finetune": {"epochs": 1, "batch_size": 32, "patience": 1},
-        },
+    project = one_backbone_project(
+        tmp_path / "project", str(class_tree(tmp_path / "images")), "mobilenet", "MobileNetV2", 32,
+        train={"epochs": 5, "patience": 2},
+        finetune={"epochs": 1, "batch_size": 32, "patience": 1},
     )
     result = run([sys.executable, "-m", "dvc", "repro"], project)
     ran = set(re.findall(r"Running stage '([^']+)'", result.stdout))
