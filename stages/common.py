@@ -47,9 +47,22 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def removes_outputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> bool:
+    """Whether DVC deleted outputs of `stage` before running it: it does for every output but `persist` ones."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"][stage.split("@")[0]]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return True  # cannot tell: better a hint too many than a lost result
+    spec = spec.get("do", spec)
+    entries = [entry for kind in ("outs", "metrics", "plots") for entry in spec.get(kind) or []]
+    return any(not (isinstance(entry, dict) and next(iter(entry.values()), {}).get("persist")) for entry in entries)
+
+
 def recovery_hint(stage: str | None) -> str:
     """How to get back what DVC removed before running `stage` (it deletes a stage's outputs first)."""
-    if not stage or stage == "validate":
+    if not stage or not removes_outputs(stage):
         return ""
     return (
         f" [dvc removed the previous outputs of {stage} before running it: `dvc checkout {stage}` restores "

@@ -101,3 +101,14 @@ def test_the_shipped_model_stays_while_a_new_one_trains_and_after_it_is_killed(t
     assert not (project / "models/finetuned.keras").exists()  # DVC removed finetune's own output
     predict_works()
     assert "finetune" in run([sys.executable, "-m", "dvc", "status", "finetune"], project).stdout
+
+
+def test_the_recovery_hint_names_dvc_checkout_only_where_dvc_removed_outputs(tmp_path: Path) -> None:
+    from stages.common import recovery_hint, removes_outputs
+
+    dvc_yaml = Path(__file__).resolve().parents[1] / "dvc.yaml"
+    assert [removes_outputs(stage, dvc_yaml) for stage in ("validate", "fetch", "ship")] == [False, False, False]
+    assert all(removes_outputs(stage, dvc_yaml) for stage in ("prepare", "features@vgg16", "finetune", "aggregate"))
+    assert removes_outputs("prepare", tmp_path / "no-dvc.yaml")  # cannot tell: say it
+    assert recovery_hint(None) == ""
+    assert "`dvc checkout train@vgg16` restores" in recovery_hint("train@vgg16")
