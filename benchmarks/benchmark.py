@@ -15,8 +15,9 @@ On the shared cats_and_dogs_filtered zip, in one run, it measures:
 4. the time of a no-op `dvc repro`;
 5. accuracy and extraction time of the other `features.precision` for the backbones with real weights.
 Writes reports/benchmark.json, the run's comparison table to reports/benchmark_comparison.md, and the
-speed table between the benchmark markers in README.md.
+speed tables between the benchmark markers in benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,20 +28,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from stages.backbones import PRECISIONS, build_extractor  # noqa: E402
-from stages.datasets import image_dataset  # noqa: E402
-from stages.features import base_forward, extract, traced  # noqa: E402
 from tests.helpers import make_project  # noqa: E402
+from tlpipe.backbones import PRECISIONS, build_extractor  # noqa: E402
+from tlpipe.datasets import image_dataset  # noqa: E402
+from tlpipe.extraction import base_forward, extract, traced  # noqa: E402
 
-SHARED_WEIGHTS = {"VGG16": "vgg16_imagenet_notop.weights.h5", "MobileNetV2": "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"}
+SHARED_WEIGHTS = {
+    "VGG16": "vgg16_imagenet_notop.weights.h5",
+    "MobileNetV2": "mobilenet_v2_1.0_224_imagenet_notop.weights.h5",
+}
 README_MARKERS = ("<!-- benchmark:start -->", "<!-- benchmark:end -->")
 REPORT = PROJECT_ROOT / "reports" / "benchmark.json"
 
@@ -140,7 +145,12 @@ def _seconds(work: Callable[[], Any]) -> float:
 
 
 def extraction_against_ceiling(
-    spec: dict[str, Any], paths: list[str], precision: str, batch_size: int, window_seconds: float = 5.0, rounds: int = 3
+    spec: dict[str, Any],
+    paths: list[str],
+    precision: str,
+    batch_size: int,
+    window_seconds: float = 5.0,
+    rounds: int = 3,
 ) -> dict[str, float]:
     """Images/s of the features stage's extraction (decode + forward: `stages.features.extract` over the
     stage's constant-weight forward function) against the raw ceiling over the same number of images.
@@ -164,6 +174,7 @@ def extraction_against_ceiling(
         def run() -> None:
             for _ in range(n_batches):
                 function(in_memory).numpy()
+
         return run
 
     def pipeline_run() -> None:
@@ -177,8 +188,12 @@ def extraction_against_ceiling(
     per_batch = min(_seconds(in_memory_run(function)) for function in (keras_model, forward, keras_model, forward))
     n_batches = int(np.clip(window_seconds / per_batch, 2, len(paths) // batch_size))
     n_images = n_batches * batch_size
-    runs = {"keras_model": in_memory_run(keras_model), "constant_weights": in_memory_run(forward),
-            "pipeline": pipeline_run, "decode_only": decode_run}
+    runs = {
+        "keras_model": in_memory_run(keras_model),
+        "constant_weights": in_memory_run(forward),
+        "pipeline": pipeline_run,
+        "decode_only": decode_run,
+    }
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
         for name, run in runs.items():
@@ -204,11 +219,18 @@ def throughput_table(project: Path, backbones: dict[str, dict[str, Any]], batch_
     paths = [str(project / p) for p in pd.read_csv(project / "data/prepared/manifest.csv")["path"]]
     table = {}
     for key, spec in backbones.items():
-        table[key] = {precision: extraction_against_ceiling(spec, paths, precision, batch_size) for precision in PRECISIONS}
-        print(f"  {key}: " + ", ".join(
-            f"{p} {t['pipeline']} vs ceiling {t['ceiling']} images/s ({t['percent_of_ceiling']}%; "
-            f"{t['percent_of_ceiling_with_decoding']}% of it with decoding)" for p, t in table[key].items()
-        ), file=sys.stderr)
+        table[key] = {
+            precision: extraction_against_ceiling(spec, paths, precision, batch_size) for precision in PRECISIONS
+        }
+        print(
+            f"  {key}: "
+            + ", ".join(
+                f"{p} {t['pipeline']} vs ceiling {t['ceiling']} images/s ({t['percent_of_ceiling']}%; "
+                f"{t['percent_of_ceiling_with_decoding']}% of it with decoding)"
+                for p, t in table[key].items()
+            ),
+            file=sys.stderr,
+        )
     return table
 
 
@@ -226,9 +248,11 @@ def readme_table(report: dict[str, Any]) -> str:
     c = report["classic"]
     stages = report["stages"]
     full = sum(v["seconds"] for k, v in stages.items() if k not in ("finetune", "ship", "evaluate_model"))
-    throughput = ["| backbone | precision | extraction images/s | in memory: Keras model | in memory: constant weights | "
-                  "% of ceiling | decoding alone | % of ceiling with decoding | GFLOPs/image | % of matmul peak |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    throughput = [
+        "| backbone | precision | extraction images/s | in memory: Keras model | in memory: constant weights | "
+        "% of ceiling | decoding alone | % of ceiling with decoding | GFLOPs/image | % of matmul peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for key, by_precision in report["throughput"].items():
         for precision, t in by_precision.items():
             mark = " (configured)" if precision == report["precision"][key] else ""
@@ -241,42 +265,44 @@ def readme_table(report: dict[str, Any]) -> str:
     for key, by_precision in report["precision_accuracy"].items():
         for precision, r in by_precision.items():
             accuracy.append(f"| {key} | {precision} | {r['accuracy']:.4f} | {r['features_seconds']:.0f} s |")
-    return "\n".join([
-        f"Measured by `python -m benchmarks.benchmark` on {report['machine']}; matmul peak "
-        f"{report['matmul_gflops']['float32']:.0f} GFLOP/s in float32, {report['matmul_gflops']['bfloat16']:.0f} in bfloat16.",
-        "",
-        f"| {c['backbone']}, same data, whole processes | wall time | test accuracy | this pipeline's speed-up |",
-        "|---|---:|---:|---:|",
-        f"| classic recipe (augment on the fly, base in every step, 10 epochs), tf.data's AUTOTUNE as keras.io "
-        f"writes it | {c['classic_autotune_seconds']:.0f} s | {c['classic_autotune_accuracy']:.4f} | "
-        f"**{c['speedup_autotune']:.1f}x** |",
-        f"| the same recipe on this pipeline's tf.data settings | {c['classic_seconds']:.0f} s | "
-        f"{c['classic_accuracy']:.4f} | **{c['speedup']:.1f}x** |",
-        f"| this pipeline (features, train and evaluate stages) | {c['ours_seconds']:.0f} s | {c['ours_accuracy']:.4f} | |",
-        "",
-        f"Every process pays Python and TensorFlow start-up ({c['startup_seconds']:.1f} s here): the three stages "
-        f"three times, the classic recipe once. Without it: {c['classic_seconds'] - c['startup_seconds']:.0f} s "
-        f"against {c['ours_seconds'] - 3 * c['startup_seconds']:.0f} s, "
-        f"{(c['classic_seconds'] - c['startup_seconds']) / (c['ours_seconds'] - 3 * c['startup_seconds']):.1f}x.",
-        "",
-        *throughput,
-        "",
-        "Extraction is the features stage's own code: decode the files, then the base with its weights as "
-        "constants (`stages.features.base_forward`). The raw ceiling is the faster of the two in-memory "
-        "forward passes over one batch: the bare Keras model in tf.function, and the same constant-weight "
-        "function. Decoding is CPU work on the same cores: the ceiling with decoding is the in-memory pass "
-        "and decoding alone (images/s in its column) back to back, each with every core, what the two cost "
-        "together. Images/s are the fastest of three alternating runs each, so that a stall of this shared "
-        "machine counts against no side. Above 100% of the matmul peak, the convolution kernels beat "
-        "TensorFlow's plain matmul of the same precision.",
-        "",
-        *accuracy,
-        "",
-        f"Full pipeline, fetch to aggregate without fine-tuning, {len(report['throughput'])} backbones: **{full / 60:.1f} min**; "
-        f"fine-tuning {report['model']}: {stages['finetune']['seconds'] / 60:.1f} min; "
-        f"largest peak memory of any stage: {max(v['peak_rss_mb'] for v in stages.values()) / 1024:.1f} GB "
-        f"({max(stages, key=lambda k: stages[k]['peak_rss_mb'])}); no-op `dvc repro`: {report['noop_repro_seconds']:.1f} s.",
-    ])
+    return "\n".join(
+        [
+            f"Measured by `python -m benchmarks.benchmark` on {report['machine']}; matmul peak "
+            f"{report['matmul_gflops']['float32']:.0f} GFLOP/s in float32, {report['matmul_gflops']['bfloat16']:.0f} in bfloat16.",
+            "",
+            f"| {c['backbone']}, same data, whole processes | wall time | test accuracy | this pipeline's speed-up |",
+            "|---|---:|---:|---:|",
+            f"| classic recipe (augment on the fly, base in every step, 10 epochs), tf.data's AUTOTUNE as keras.io "
+            f"writes it | {c['classic_autotune_seconds']:.0f} s | {c['classic_autotune_accuracy']:.4f} | "
+            f"**{c['speedup_autotune']:.1f}x** |",
+            f"| the same recipe on this pipeline's tf.data settings | {c['classic_seconds']:.0f} s | "
+            f"{c['classic_accuracy']:.4f} | **{c['speedup']:.1f}x** |",
+            f"| this pipeline (features, train and evaluate stages) | {c['ours_seconds']:.0f} s | {c['ours_accuracy']:.4f} | |",
+            "",
+            f"Every process pays Python and TensorFlow start-up ({c['startup_seconds']:.1f} s here): the three stages "
+            f"three times, the classic recipe once. Without it: {c['classic_seconds'] - c['startup_seconds']:.0f} s "
+            f"against {c['ours_seconds'] - 3 * c['startup_seconds']:.0f} s, "
+            f"{(c['classic_seconds'] - c['startup_seconds']) / (c['ours_seconds'] - 3 * c['startup_seconds']):.1f}x.",
+            "",
+            *throughput,
+            "",
+            "Extraction is the features stage's own code: decode the files, then the base with its weights as "
+            "constants (`tlpipe.extraction.base_forward`). The raw ceiling is the faster of the two in-memory "
+            "forward passes over one batch: the bare Keras model in tf.function, and the same constant-weight "
+            "function. Decoding is CPU work on the same cores: the ceiling with decoding is the in-memory pass "
+            "and decoding alone (images/s in its column) back to back, each with every core, what the two cost "
+            "together. Images/s are the fastest of three alternating runs each, so that a stall of this shared "
+            "machine counts against no side. Above 100% of the matmul peak, the convolution kernels beat "
+            "TensorFlow's plain matmul of the same precision.",
+            "",
+            *accuracy,
+            "",
+            f"Full pipeline, fetch to aggregate without fine-tuning, {len(report['throughput'])} backbones: **{full / 60:.1f} min**; "
+            f"fine-tuning {report['model']}: {stages['finetune']['seconds'] / 60:.1f} min; "
+            f"largest peak memory of any stage: {max(v['peak_rss_mb'] for v in stages.values()) / 1024:.1f} GB "
+            f"({max(stages, key=lambda k: stages[k]['peak_rss_mb'])}); no-op `dvc repro`: {report['noop_repro_seconds']:.1f} s.",
+        ]
+    )
 
 
 def in_process_measurements(project: Path, backbones: dict[str, dict[str, Any]], batch_size: int) -> dict[str, Any]:
@@ -293,22 +319,29 @@ def in_process_measurements(project: Path, backbones: dict[str, dict[str, Any]],
 
 def write_report(report: dict[str, Any]) -> None:
     REPORT.write_text(json.dumps(report, indent=2) + "\n")
-    readme = PROJECT_ROOT / "README.md"
+    readme = PROJECT_ROOT / "benchmarks" / "README.md"
     start, end = README_MARKERS
     text = readme.read_text()
     if start in text and end in text:
         table = readme_table(report)
-        readme.write_text(re.sub(f"{re.escape(start)}.*{re.escape(end)}", lambda _: f"{start}\n{table}\n{end}", text, flags=re.S))
+        readme.write_text(
+            re.sub(f"{re.escape(start)}.*{re.escape(end)}", lambda _: f"{start}\n{table}\n{end}", text, flags=re.S)
+        )
     print(readme_table(report))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.benchmark")
     parser.add_argument("--backbone", default="mobilenet", help="the backbone of the classic-recipe comparison")
-    parser.add_argument("--shared", type=Path, default=Path(os.environ.get("SHARED_DIR", PROJECT_ROOT.parent / "shared")))
-    parser.add_argument("--in-process-only", action="store_true",
-                        help="keep the pipeline, classic and precision results of reports/benchmark.json; re-measure "
-                             "start-up, matmul peaks and extraction against the ceiling (about 6 minutes)")
+    parser.add_argument(
+        "--shared", type=Path, default=Path(os.environ.get("SHARED_DIR", PROJECT_ROOT.parent / "shared"))
+    )
+    parser.add_argument(
+        "--in-process-only",
+        action="store_true",
+        help="keep the pipeline, classic and precision results of reports/benchmark.json; re-measure "
+        "start-up, matmul peaks and extraction against the ceiling (about 6 minutes)",
+    )
     args = parser.parse_args()
     REPORT.parent.mkdir(exist_ok=True)
     shared = args.shared.resolve()
@@ -317,10 +350,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
         project = make_project(
             Path(tmp) / "project",
-            {"data": {"url": (shared / "data" / "cats_and_dogs_filtered.zip").as_uri()}, "backbones": backbones,
-             "model": args.backbone},
+            {
+                "data": {"url": (shared / "data" / "cats_and_dogs_filtered.zip").as_uri()},
+                "backbones": backbones,
+                "model": args.backbone,
+            },
         )
-        from stages.params import extraction_precision, load_params
+        from tlpipe.params import extraction_precision, load_params
 
         params = load_params(project / "params.yaml")
         batch_size = params["features"]["batch_size"]
@@ -334,15 +370,20 @@ def main() -> None:
         configured = {key: extraction_precision(params, key) for key in keys}
         print("pipeline, stage by stage:", file=sys.stderr)
         stages = timed_stages(
-            project, ["validate", "fetch", "prepare", *backbone_stages(keys), "finetune", "ship", "evaluate_model", "aggregate"]
+            project,
+            ["validate", "fetch", "prepare", *backbone_stages(keys), "finetune", "ship", "evaluate_model", "aggregate"],
         )
         noop, _, _ = run_timed([sys.executable, "-m", "dvc", "repro"], project)
         print(f"no-op dvc repro: {noop:.1f} s", file=sys.stderr)
         metrics = {k: json.loads((project / "metrics" / f"{k}.json").read_text()) for k in [*keys, "model"]}
-        (PROJECT_ROOT / "reports" / "benchmark_comparison.md").write_text((project / "reports" / "comparison.md").read_text())
+        (PROJECT_ROOT / "reports" / "benchmark_comparison.md").write_text(
+            (project / "reports" / "comparison.md").read_text()
+        )
 
         print("classic recipe, on the pipeline's tf.data settings and on AUTOTUNE:", file=sys.stderr)
-        classic_seconds, _, classic_out = run_timed([sys.executable, "-m", "benchmarks.classic", args.backbone], project)
+        classic_seconds, _, classic_out = run_timed(
+            [sys.executable, "-m", "benchmarks.classic", args.backbone], project
+        )
         classic_accuracy = json.loads(classic_out.strip().splitlines()[-1])["accuracy"]
         print(f"  {classic_seconds:.1f} s, accuracy {classic_accuracy}", file=sys.stderr)
         autotune_seconds, _, autotune_out = run_timed(
@@ -359,34 +400,48 @@ def main() -> None:
         for key in real:
             other = json.loads((project / "metrics" / f"{key}.json").read_text())
             precision_accuracy[key] = {
-                configured[key]: {"accuracy": metrics[key]["accuracy"], "features_seconds": stages[f"features@{key}"]["seconds"]},
+                configured[key]: {
+                    "accuracy": metrics[key]["accuracy"],
+                    "features_seconds": stages[f"features@{key}"]["seconds"],
+                },
                 next(p for p in PRECISIONS if p != configured[key]): {
-                    "accuracy": other["accuracy"], "features_seconds": flipped[f"features@{key}"]["seconds"]},
+                    "accuracy": other["accuracy"],
+                    "features_seconds": flipped[f"features@{key}"]["seconds"],
+                },
             }
         # Last: a child's peak RSS starts from this process's size at fork, which the in-process part inflates.
         measured = in_process_measurements(project, backbones, batch_size)
     ours = sum(stages[f"{s}@{args.backbone}"]["seconds"] for s in ("features", "train", "evaluate"))
-    write_report({
-        "machine": f"{os.cpu_count()} CPU cores",
-        "matmul_gflops": measured["matmul_gflops"],
-        "model": args.backbone,
-        "precision": configured,
-        "classic": {"backbone": args.backbone, "classic_seconds": round(classic_seconds, 1),
-                    "classic_autotune_seconds": round(autotune_seconds, 1),
-                    "classic_autotune_accuracy": round(autotune_accuracy, 4),
-                    "speedup_autotune": round(autotune_seconds / ours, 2),
-                    "classic_accuracy": round(classic_accuracy, 4), "ours_seconds": round(ours, 1),
-                    "ours_accuracy": metrics[args.backbone]["accuracy"], "speedup": round(classic_seconds / ours, 2),
-                    "startup_seconds": measured["startup_seconds"]},
-        "throughput": measured["throughput"],
-        "stage_images_per_second": {k: metrics[k]["images_per_second"] for k in keys},
-        "precision_accuracy": precision_accuracy,
-        "stages": stages,
-        "noop_repro_seconds": round(noop, 2),
-        "accuracy": {k: m["accuracy"] for k, m in metrics.items()},
-        "weights": {k: "imagenet (offline file)" if spec["weights"] else "random (no offline weights)"
-                    for k, spec in backbones.items()},
-    })
+    write_report(
+        {
+            "machine": f"{os.cpu_count()} CPU cores",
+            "matmul_gflops": measured["matmul_gflops"],
+            "model": args.backbone,
+            "precision": configured,
+            "classic": {
+                "backbone": args.backbone,
+                "classic_seconds": round(classic_seconds, 1),
+                "classic_autotune_seconds": round(autotune_seconds, 1),
+                "classic_autotune_accuracy": round(autotune_accuracy, 4),
+                "speedup_autotune": round(autotune_seconds / ours, 2),
+                "classic_accuracy": round(classic_accuracy, 4),
+                "ours_seconds": round(ours, 1),
+                "ours_accuracy": metrics[args.backbone]["accuracy"],
+                "speedup": round(classic_seconds / ours, 2),
+                "startup_seconds": measured["startup_seconds"],
+            },
+            "throughput": measured["throughput"],
+            "stage_images_per_second": {k: metrics[k]["images_per_second"] for k in keys},
+            "precision_accuracy": precision_accuracy,
+            "stages": stages,
+            "noop_repro_seconds": round(noop, 2),
+            "accuracy": {k: m["accuracy"] for k, m in metrics.items()},
+            "weights": {
+                k: "imagenet (offline file)" if spec["weights"] else "random (no offline weights)"
+                for k, spec in backbones.items()
+            },
+        }
+    )
 
 
 if __name__ == "__main__":

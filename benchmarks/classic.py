@@ -7,23 +7,27 @@ It decodes through the pipeline's own `stages.datasets.image_dataset`, so that t
 often each image goes through the base; `--autotune` uses tf.data's autotuner as the keras.io examples do.
 The benchmark times the whole process, Python and TensorFlow start-up included, as it times the stages.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 
-from stages.backbones import build_extractor, get_backbone
-from stages.common import seed_everything
-from stages.datasets import augmentation_layers, image_dataset, read_manifest, split_rows
-from stages.params import load_params, resolve_weights
+from tlpipe.backbones import build_extractor, get_backbone
+from tlpipe.datasets import augmentation_layers, image_dataset, read_manifest, split_rows
+from tlpipe.params import load_params, resolve_weights
+from tlpipe.runtime import seed_everything
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.classic")
     parser.add_argument("backbone", help="a key of params.yaml backbones")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--autotune", action="store_true",
-                        help="decode with tf.data's AUTOTUNE, as the keras.io examples do, instead of the pipeline's settings")
+    parser.add_argument(
+        "--autotune",
+        action="store_true",
+        help="decode with tf.data's AUTOTUNE, as the keras.io examples do, instead of the pipeline's settings",
+    )
     args = parser.parse_args()
     params = load_params()
     seed_everything(params["seed"])
@@ -31,9 +35,11 @@ def main() -> None:
 
     spec = params["backbones"][args.backbone]
     size = spec["image_size"]
-    extractor, _ = build_extractor(spec["arch"], size, resolve_weights(spec["weights"], get_backbone(spec["arch"]).named_weights))
+    extractor, _ = build_extractor(
+        spec["arch"], size, resolve_weights(spec["weights"], get_backbone(spec["arch"]).named_weights)
+    )
     inputs = keras.Input((size, size, 3))
-    x = augmentation_layers(params["augment"], params["seed"])(inputs)
+    x = augmentation_layers(params["finetune"]["augment"], params["seed"])(inputs)
     x = extractor(x, training=False)
     x = keras.layers.Dropout(0.2)(x)
     outputs = keras.layers.Dense(1, activation="sigmoid")(x)
@@ -46,7 +52,11 @@ def main() -> None:
         rows = split_rows(manifest, split)
         shuffle_seed = params["seed"] if split == "train" else None
         batches[split] = image_dataset(
-            list(rows["path"]), size, 32, rows["label_index"].to_numpy(), shuffle_seed,
+            list(rows["path"]),
+            size,
+            32,
+            rows["label_index"].to_numpy(),
+            shuffle_seed,
             autotune=True if args.autotune else None,  # None: the pipeline's own choice
         )
     model.fit(batches["train"], validation_data=batches["val"], epochs=args.epochs, verbose=0)

@@ -1,5 +1,4 @@
-"""Stages of the transfer-learning pipeline: one module per `dvc.yaml` stage."""
-import os
+"""Entry points of the pipeline: one module per `dvc.yaml` stage (plus the predict and check_metrics commands).
 
-# TensorFlow's start-up banners (oneDNN, CPU instruction sets) bury the stages' own one-line messages.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+Each reads its part of params.yaml and writes its declared outputs; the work is done by the `tlpipe` library.
+"""

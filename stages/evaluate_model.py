@@ -1,41 +1,23 @@
 """Stage evaluate_model: score the shipped models/model.keras end to end on the test images (from files).
 
-Uses the same code path as `tl-predict` (stages/predict.py), so the score is what users get. Writes
+Uses the same code path as `tl-predict` (tlpipe/prediction.py), so the score is what users get. Writes
 metrics/model.json (the per-backbone keys plus `backbone`) and reports/evaluation/model/.
 """
+
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from stages.common import SHIPPED_MODEL, PipelineError, stage_main
-from stages.datasets import read_classes, read_manifest, split_rows
-from stages.evaluate import write_evaluation
-from stages.params import load_params
-from stages.predict import Prediction, load_classifier, predict_files
-from stages.progress import bar
-
-
-def class_difference(labels: list[str], classes: list[str]) -> str:
-    """How the model's classes differ from the data's, short enough for one line with hundreds of classes."""
-    if len(labels) != len(classes):
-        return f"was trained on {len(labels)} classes, the data has {len(classes)}"
-    index = next(i for i, (label, name) in enumerate(zip(labels, classes)) if label != name)
-    return f"was trained on other classes: its class {index} is {labels[index]!r}, the data's is {classes[index]!r}"
-
-
-def predict_with_progress(model: Any, labels: list[str], paths: list[Path]) -> list[Prediction]:
-    """predict_files over `paths`, with a progress bar: a large backbone on a CPU takes minutes."""
-    predictions = []
-    with bar(len(paths), "evaluate_model", "img") as progress:
-        for prediction in predict_files(model, labels, paths):
-            predictions.append(prediction)
-            progress.update()
-    return predictions
+from tlpipe.datasets import read_classes, read_manifest, split_rows
+from tlpipe.errors import PipelineError, stage_main
+from tlpipe.evaluation import write_evaluation
+from tlpipe.params import load_params
+from tlpipe.paths import SHIPPED_MODEL, SHIPPED_NAME
+from tlpipe.prediction import class_difference, load_classifier, predict_with_progress
 
 
 @stage_main
@@ -55,7 +37,7 @@ def main() -> None:
     probabilities = np.array([p.probabilities for p in predictions])
     key = params["model"]
     scores = write_evaluation(
-        "model",
+        SHIPPED_NAME,
         list(test_rows["path"]),
         test_rows["label_index"].to_numpy(),
         probabilities,

@@ -6,91 +6,28 @@ augmentation at a low learning rate. It writes models/finetuned.keras, which the
 place as models/model.keras; the model takes raw RGB images of any size: resizing, augmentation (inactive
 at inference) and the backbone's preprocessing are layers inside it.
 """
+
 from __future__ import annotations
 
 import sys
-import time
-from typing import Any
 
-from stages import pictures
-from stages.backbones import build_base, get_backbone, preprocessing_layers
-from stages.common import (
-    FINETUNED_LABELS, FINETUNED_MODEL, METRICS_DIR, MODELS_DIR, TRAINING_PICTURES_DIR, PipelineError, atomic_dir,
-    seed_everything, stage_main, write_json,
+from tlpipe import pictures
+from tlpipe.datasets import image_dataset, read_classes, read_manifest, split_rows
+from tlpipe.errors import stage_main
+from tlpipe.files import atomic_dir, write_json
+from tlpipe.finetuning import announce_estimate, forward_seconds_per_image, ship_model, unfreeze_top
+from tlpipe.models import class_weights, load_model, loss_for, save_model
+from tlpipe.params import load_params
+from tlpipe.paths import (
+    FINETUNE_LOG_DIR,
+    FINETUNED_LABELS,
+    FINETUNED_MODEL,
+    SHIPPED_NAME,
+    head_model,
+    training_picture,
 )
-from stages.datasets import augmentation_layers, image_dataset, read_classes, read_manifest, split_rows
-from stages.distribute import configure_devices, strategy_for
-from stages.models import class_weights, load_model, loss_for, save_model
-from stages.params import load_params, resolve_weights
-from stages.progress import duration, fit_progress
-
-# A training step runs the forward pass, then the backward pass through the unfrozen layers, which costs
-# up to twice the forward pass: an estimate before training starts, refined by the measured first batches.
-STEP_COST_IN_FORWARD_PASSES = 3.0
-
-
-def unfreeze_top(base: Any, unfreeze: int | str) -> int:
-    """Make the top of `base` trainable: the last `unfreeze` layers, or every layer from the first whose
-    name starts with `unfreeze` (a block name such as `block5` or `top`). Returns the number unfrozen."""
-    import keras
-
-    layers = base.layers
-    if isinstance(unfreeze, str):
-        starts = [i for i, layer in enumerate(layers) if layer.name.startswith(unfreeze)]
-        if not starts:
-            blocks = sorted({layer.name.split("_")[0] for layer in layers})
-            raise PipelineError(
-                f"finetune.unfreeze: no layer of {base.name} starts with {unfreeze!r}; "
-                f"use a layer count or one of: {', '.join(blocks[:40])}"
-            )
-        first = starts[0]
-    else:
-        first = max(0, len(layers) - unfreeze)
-    base.trainable = True
-    for index, layer in enumerate(layers):
-        # Batch-norm statistics fitted on ImageNet would be wrecked by small batches of a new dataset.
-        layer.trainable = index >= first and not isinstance(layer, keras.layers.BatchNormalization)
-    return len(layers) - first
-
-
-def ship_model(key: str, spec: dict[str, Any], head: Any, augment: dict[str, Any], seed: int) -> tuple[Any, Any]:
-    """(model, base): raw RGB pixels of any size -> class probabilities."""
-    import keras
-
-    backbone = get_backbone(spec["arch"])
-    base = build_base(spec["arch"], spec["image_size"], resolve_weights(spec["weights"], backbone.named_weights), seed)
-    inputs = keras.Input((None, None, 3), name="image")
-    x = keras.layers.Resizing(spec["image_size"], spec["image_size"], name="resize")(inputs)
-    x = augmentation_layers(augment, seed)(x)
-    for layer in preprocessing_layers(backbone.preprocessing):
-        x = layer(x)
-    x = base(x, training=False)  # training=False keeps batch norm in inference mode even when unfrozen
-    outputs = head(x)
-    return keras.Model(inputs, outputs, name=f"{key}_classifier"), base
-
-
-def forward_seconds_per_image(model: Any, images: Any) -> float:
-    """Wall-clock seconds of one inference forward pass per image, measured on one batch after a warm-up."""
-    import tensorflow as tf
-
-    forward = tf.function(lambda x: model(x, training=False))
-    forward(images)
-    started = time.perf_counter()
-    forward(images).numpy()
-    return (time.perf_counter() - started) / len(images)
-
-
-def announce_estimate(key: str, per_image_s: float, n_train: int, n_val: int, epochs: int) -> None:
-    """Before a long run: how long it will take, and which parameters make it shorter."""
-    epoch_s = per_image_s * (STEP_COST_IN_FORWARD_PASSES * n_train + n_val)
-    print(
-        f"{key}: fine-tuning {epochs} epochs of {n_train} images should take about {duration(epochs * epoch_s)} "
-        f"({duration(epoch_s)} per epoch; forward pass measured here at {1 / per_image_s:.0f} images/s; "
-        "early stopping may end it sooner). To shorten it: lower finetune.epochs or finetune.unfreeze, "
-        "choose a lighter backbone (model), or use a GPU.",
-        file=sys.stderr,
-        flush=True,
-    )
+from tlpipe.progress import fit_progress
+from tlpipe.runtime import configure_devices, seed_everything, strategy_for
 
 
 @stage_main
@@ -108,8 +45,8 @@ def main() -> None:
     manifest = read_manifest()
     strategy = strategy_for(params["distribute"])
     with strategy.scope():
-        head = load_model(MODELS_DIR / key / "head.keras")
-        model, base = ship_model(key, spec, head, params["augment"], seed)
+        head = load_model(head_model(key))
+        model, base = ship_model(key, spec, head, tune["augment"], seed)
         unfrozen = unfreeze_top(base, tune["unfreeze"])
 
     size, batch_size = spec["image_size"], tune["batch_size"]
@@ -129,7 +66,7 @@ def main() -> None:
     sample, _ = next(iter(val_data))
     announce_estimate(key, forward_seconds_per_image(model, sample), len(train_rows), len(val_rows), tune["epochs"])
     frozen_loss, frozen_accuracy = model.evaluate(val_data, verbose=0)
-    with atomic_dir(METRICS_DIR / "finetune") as log_dir:
+    with atomic_dir(FINETUNE_LOG_DIR) as log_dir:
         live = Live(str(log_dir), dvcyaml=None, save_dvc_exp=False)
         history = model.fit(
             train_data,
@@ -160,7 +97,7 @@ def main() -> None:
         )
         save_model(model, FINETUNED_MODEL)
         pictures.training_curves(
-            history.history, f"fine-tuning {key}", TRAINING_PICTURES_DIR / "model.png", best_epoch=best_epoch
+            history.history, f"fine-tuning {key}", training_picture(SHIPPED_NAME), best_epoch=best_epoch
         )
         write_json(FINETUNED_LABELS, {"backbone": key, "arch": spec["arch"], "image_size": size, "classes": classes})
 

@@ -4,15 +4,15 @@ finetune writes models/finetuned.keras; this stage copies it, and its class name
 each by an atomic rename. The shipped files are `persist` outputs in dvc.yaml, so DVC never deletes them
 before a run: predict keeps working while a new model trains, and after a failed or interrupted fine-tune.
 """
+
 from __future__ import annotations
 
 import shutil
 import sys
 
-from stages.common import (
-    FINETUNED_LABELS, FINETUNED_MODEL, SHIPPED_LABELS, SHIPPED_MODEL, PipelineError, atomic_path, read_json,
-    stage_main, write_json,
-)
+from tlpipe.errors import PipelineError, stage_main
+from tlpipe.files import atomic_path, read_json, write_json
+from tlpipe.paths import FINETUNED_LABELS, FINETUNED_MODEL, SHIPPED_LABELS, SHIPPED_MODEL
 
 
 @stage_main

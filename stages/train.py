@@ -2,6 +2,7 @@
 
 Per-epoch metrics go to metrics/train/<backbone>/ through dvclive; the head goes to models/<backbone>/.
 """
+
 from __future__ import annotations
 
 import math
@@ -9,32 +10,15 @@ import sys
 
 import numpy as np
 
-from stages import pictures
-from stages.common import (
-    FEATURES_DIR, METRICS_DIR, MODELS_DIR, TRAINING_PICTURES_DIR, PipelineError, atomic_dir, seed_everything, stage_main,
-)
-from stages.datasets import array_batches, read_classes
-from stages.distribute import configure_devices, strategy_for
-from stages.models import build_head, class_weights, loss_for, save_model
-from stages.params import load_params
-
-
-def load_features(key: str) -> dict[str, np.ndarray]:
-    path = FEATURES_DIR / key / "features.npz"
-    try:
-        with np.load(path) as data:
-            return {name: data[name] for name in data.files}
-    except FileNotFoundError:
-        raise PipelineError(f"{path} is missing; run dvc repro features@{key}") from None
-    except (ValueError, OSError) as error:
-        raise PipelineError(f"{path} is unreadable ({error}); run dvc repro -f features@{key}") from None
-
-
-def training_arrays(features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The original training features followed by their augmented views."""
-    x = np.concatenate([features["x_train"], features["x_train_aug"]]).astype(np.float32)
-    y = np.concatenate([features["y_train"], features["y_train_aug"]])
-    return x, y
+from tlpipe import pictures
+from tlpipe.datasets import array_batches, read_classes
+from tlpipe.errors import stage_main
+from tlpipe.feature_cache import load_features, training_arrays
+from tlpipe.files import atomic_dir
+from tlpipe.models import build_head, class_weights, loss_for, save_model
+from tlpipe.params import load_params
+from tlpipe.paths import head_model, train_log_dir, training_picture
+from tlpipe.runtime import configure_devices, seed_everything, strategy_for
 
 
 @stage_main
@@ -54,8 +38,10 @@ def main(key: str) -> None:
 
     strategy = strategy_for(params["distribute"])
     if params["distribute"]["strategy"] != "none":
-        print(f"{key}: training under {params['distribute']['strategy']} on {strategy.num_replicas_in_sync} "
-              "replicas", file=sys.stderr)
+        print(
+            f"{key}: training under {params['distribute']['strategy']} on {strategy.num_replicas_in_sync} replicas",
+            file=sys.stderr,
+        )
     with strategy.scope():
         head = build_head(x_train, len(classes), train["dropout"], train["hidden_units"])
         head.compile(
@@ -65,7 +51,7 @@ def main(key: str) -> None:
             # A whole epoch per call: the head is so small that per-step Python overhead dominates otherwise.
             steps_per_execution=math.ceil(len(x_train) / train["batch_size"]),
         )
-    with atomic_dir(METRICS_DIR / "train" / key) as log_dir:
+    with atomic_dir(train_log_dir(key)) as log_dir:
         # dvcyaml=None: the pipeline's dvc.yaml already declares these plots; dvclive must not rewrite it.
         live = Live(str(log_dir), dvcyaml=None, save_dvc_exp=False)
         history = head.fit(
@@ -82,8 +68,8 @@ def main(key: str) -> None:
                 DVCLiveCallback(live=live),
             ],
         )
-        save_model(head, MODELS_DIR / key / "head.keras")
-    pictures.training_curves(history.history, f"{key}: head on cached features", TRAINING_PICTURES_DIR / f"{key}.png")
+        save_model(head, head_model(key))
+    pictures.training_curves(history.history, f"{key}: head on cached features", training_picture(key))
     best = int(np.argmin(history.history["val_loss"]))
     print(
         f"{key}: {len(history.history['loss'])} epochs, best epoch {best + 1}: "

@@ -6,10 +6,13 @@ a bad parameter (`-S model=nonexistent`, `train.epochs=-5`, `backbones: {}`) sto
 every earlier result still in place. The output's content never changes, so a valid change of parameters
 reruns only the stages that read them.
 """
+
 from __future__ import annotations
 
-from stages.common import VALIDATED, PipelineError, stage_main, write_text
-from stages.params import load_params
+from tlpipe.errors import PipelineError, stage_main
+from tlpipe.files import write_text
+from tlpipe.params import load_params
+from tlpipe.paths import VALIDATED
 
 
 @stage_main
@@ -21,7 +24,7 @@ def main() -> None:
             f"{error}\nNothing ran and no result was removed: fix params.yaml, or return to the committed one "
             "with `git checkout params.yaml`."
         ) from None
-    write_text(VALIDATED, "params.yaml passed validation (stages/params.py)\n")
+    write_text(VALIDATED, "params.yaml passed validation (tlpipe/params.py)\n")
 
 
 if __name__ == "__main__":

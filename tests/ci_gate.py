@@ -5,6 +5,7 @@ randomly initialised backbones: fast and deterministic) in a throwaway repositor
 committed metrics (tests/gate/metrics/), then runs `python -m stages.check_metrics` against HEAD.
 A change that makes the model worse turns CI red. `--update` accepts the new metrics as the baseline.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Helpers for tests and the CI gate: throwaway git + DVC copies of the pipeline, and commands run in them."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,19 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Real data and weights beside the project (never copied into it); SHARED_DIR overrides the location.
 SHARED_DIR = Path(os.environ.get("SHARED_DIR", PROJECT_ROOT.parent / "shared"))
-PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml")
+PROJECT_FILES = ("stages", "tlpipe", "dvc.yaml", "params.yaml")
+
+
+def require_shared(*paths: Path) -> None:
+    """Skip the calling test, saying where the real data is expected, when any of `paths` is missing."""
+    import pytest
+
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        pytest.skip(
+            f"real data not found: {', '.join(missing)}; it is expected in {SHARED_DIR} (../shared beside the "
+            "project, or set SHARED_DIR) as described in README.md"
+        )
 
 
 def tiny_backbones() -> dict[str, dict[str, Any]]:
@@ -25,13 +38,19 @@ def tiny_backbones() -> dict[str, dict[str, Any]]:
     }
 
 
-def run(args: list[str], cwd: Path, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run a command with the project's virtualenv first on PATH, as `dvc repro` runs stages."""
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(cwd),
-        "DVC_NO_ANALYTICS": "1",
-    }
+def run(
+    args: list[str], cwd: Path, check: bool = True, timeout: float = 1800, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command with the project's virtualenv first on PATH, as `dvc repro` runs stages; `env` adds variables."""
+    env = (
+        os.environ
+        | {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": str(cwd),
+            "DVC_NO_ANALYTICS": "1",
+        }
+        | (env or {})
+    )
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -65,9 +84,7 @@ def make_project(root: Path, overrides: dict[str, Any]) -> Path:
     return root
 
 
-def one_backbone_project(
-    root: Path, data_url: str, key: str, arch: str, image_size: int, **sections: Any
-) -> Path:
+def one_backbone_project(root: Path, data_url: str, key: str, arch: str, image_size: int, **sections: Any) -> Path:
     """make_project with a single randomly initialised backbone, shipped as `model`, plus `sections`."""
     backbone = {key: {"arch": arch, "image_size": image_size, "weights": None}}
     return make_project(root, {"data": {"url": data_url}, "backbones": backbone, "model": key, **sections})

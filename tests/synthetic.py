@@ -1,4 +1,5 @@
 """Small synthetic image datasets with visually separable classes, for fast end-to-end tests."""
+
 from __future__ import annotations
 
 import io

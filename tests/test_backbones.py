@@ -1,4 +1,5 @@
 """The backbone registry: preprocessing as layers equals Keras' own preprocess_input; every default builds."""
+
 from __future__ import annotations
 
 import importlib
@@ -6,9 +7,9 @@ import importlib
 import numpy as np
 import pytest
 
-from stages.backbones import REGISTRY, build_extractor, get_backbone, preprocessing_layers
-from stages.common import PipelineError
 from tests.helpers import tiny_backbones
+from tlpipe.backbones import REGISTRY, build_extractor, get_backbone, preprocessing_layers
+from tlpipe.errors import PipelineError
 
 KERAS_PREPROCESS = {  # arch -> the module whose preprocess_input the registry must reproduce
     "VGG16": "keras.applications.vgg16",
@@ -35,6 +36,7 @@ def test_unknown_arch_names_the_allowed_ones() -> None:
         get_backbone("AlexNet")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", list(tiny_backbones()))
 def test_every_default_backbone_builds_frozen_and_pooled(key: str) -> None:
     spec = tiny_backbones()[key]
@@ -45,9 +47,10 @@ def test_every_default_backbone_builds_frozen_and_pooled(key: str) -> None:
     assert not base.trainable and extractor.trainable_weights == []
 
 
+@pytest.mark.slow
 def test_a_random_base_is_the_same_in_every_stage_that_builds_it() -> None:
     """features and finetune each rebuild the base; with weights: null they must get the same one."""
-    from stages.backbones import build_base
+    from tlpipe.backbones import build_base
 
     first = build_base("MobileNetV2", 32, None, seed=5)
     second = build_base("MobileNetV2", 32, None, seed=5)
@@ -56,6 +59,7 @@ def test_a_random_base_is_the_same_in_every_stage_that_builds_it() -> None:
     assert not all(np.array_equal(a, b) for a, b in zip(first.get_weights(), other.get_weights()))
 
 
+@pytest.mark.slow
 def test_bfloat16_extraction_computes_in_bfloat16_and_returns_float32() -> None:
     import keras
 

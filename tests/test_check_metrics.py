@@ -1,4 +1,5 @@
 """The regression gate on a real git + DVC repository: exit codes 0, 1 and 2 and the table's rows."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from stages.check_metrics import judge
 from tests.helpers import make_project, run
+from tlpipe.gate import judge
 
-SCORES = {"accuracy": 0.98, "precision": 0.97, "recall": 0.99, "f1": 0.98, "roc_auc": 0.995, "loss": 0.06,
-          "n_test": 1000, "params": 14714688, "images_per_second": 15.2}
+SCORES = {
+    "accuracy": 0.98,
+    "precision": 0.97,
+    "recall": 0.99,
+    "f1": 0.98,
+    "roc_auc": 0.995,
+    "loss": 0.06,
+    "n_test": 1000,
+    "params": 14714688,
+    "images_per_second": 15.2,
+}
 
 
 def write_metrics(project: Path, name: str, **changes: object) -> None:
@@ -34,6 +44,7 @@ def table_row(output: str, metric: str, backbone: str) -> list[str]:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
+    """A git + DVC repository with committed metrics: the tests using it run DVC (slow)."""
     project = make_project(tmp_path / "project", {})
     write_metrics(project, "vgg16")
     write_metrics(project, "mobilenet", accuracy=0.99)
@@ -42,6 +53,7 @@ def project(tmp_path: Path) -> Path:
     return project
 
 
+@pytest.mark.slow
 def test_unchanged_metrics_pass(project: Path) -> None:
     result = gate(project)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -49,15 +61,23 @@ def test_unchanged_metrics_pass(project: Path) -> None:
     assert "no regressions" in result.stdout
 
 
+@pytest.mark.slow
 def test_an_accuracy_drop_beyond_tolerance_fails_with_its_row(project: Path) -> None:
     write_metrics(project, "vgg16", accuracy=0.95)
     result = gate(project)
     assert result.returncode == 1
-    assert table_row(result.stdout, "accuracy", "vgg16")[2:] == ["0.9800", "0.9500", "-0.0300", "drop ≤ 0.01", "**REGRESSED**"]
+    assert table_row(result.stdout, "accuracy", "vgg16")[2:] == [
+        "0.9800",
+        "0.9500",
+        "-0.0300",
+        "drop ≤ 0.01",
+        "**REGRESSED**",
+    ]
     assert table_row(result.stdout, "accuracy", "mobilenet")[-1] == "ok"
     assert "**1 regressed**" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_drop_within_tolerance_and_ignored_timing_pass(project: Path) -> None:
     write_metrics(project, "vgg16", accuracy=0.975, images_per_second=3.0)
     result = gate(project)
@@ -65,6 +85,7 @@ def test_a_drop_within_tolerance_and_ignored_timing_pass(project: Path) -> None:
     assert table_row(result.stdout, "images_per_second", "vgg16")[-1] == "ignored"
 
 
+@pytest.mark.slow
 def test_a_loss_rise_fails(project: Path) -> None:
     write_metrics(project, "mobilenet", accuracy=0.99, loss=0.2)
     result = gate(project)
@@ -72,6 +93,7 @@ def test_a_loss_rise_fails(project: Path) -> None:
     assert table_row(result.stdout, "loss", "mobilenet")[-2:] == ["rise ≤ 0.05", "**REGRESSED**"]
 
 
+@pytest.mark.slow
 def test_new_backbones_and_metrics_are_reported_not_failed(project: Path) -> None:
     write_metrics(project, "vgg16", balanced_accuracy=0.97)
     write_metrics(project, "resnet50")
@@ -83,6 +105,7 @@ def test_new_backbones_and_metrics_are_reported_not_failed(project: Path) -> Non
     assert table_row(result.stdout, "balanced_accuracy", "vgg16")[-1] == "new"
 
 
+@pytest.mark.slow
 def test_a_metric_that_disappears_fails(project: Path) -> None:
     write_metrics(project, "vgg16", roc_auc=None)
     result = gate(project)
@@ -90,6 +113,7 @@ def test_a_metric_that_disappears_fails(project: Path) -> None:
     assert table_row(result.stdout, "roc_auc", "vgg16")[-1] == "**MISSING**"
 
 
+@pytest.mark.slow
 def test_an_unknown_baseline_exits_2_with_one_line(project: Path) -> None:
     result = gate(project, "--baseline", "no-such-ref")
     assert result.returncode == 2
@@ -97,12 +121,14 @@ def test_an_unknown_baseline_exits_2_with_one_line(project: Path) -> None:
     assert "no-such-ref" in result.stderr and result.stderr.startswith("error: baseline")
 
 
+@pytest.mark.slow
 def test_a_baseline_without_metrics_exits_2_and_says_what_to_commit(project: Path) -> None:
     result = gate(project, "--baseline", "HEAD~1")
     assert result.returncode == 2
     assert "has no metrics to compare with" in result.stderr and "git commit" in result.stderr
 
 
+@pytest.mark.slow
 def test_removed_metrics_are_missing_not_regressed(project: Path) -> None:
     for path in (project / "metrics").glob("*.json"):
         path.unlink()
@@ -113,6 +139,7 @@ def test_removed_metrics_are_missing_not_regressed(project: Path) -> None:
     assert table_row(result.stdout, "accuracy", "vgg16")[-1] == "**MISSING**"
 
 
+@pytest.mark.slow
 def test_a_drop_and_a_missing_metric_are_counted_apart(project: Path) -> None:
     write_metrics(project, "vgg16", accuracy=0.95, roc_auc=None)
     result = gate(project)

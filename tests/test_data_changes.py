@@ -4,6 +4,7 @@ data.url names a local image folder outside the project. fetch runs on every rep
 data/raw/dataset.zip untouched when the folder is unchanged, so DVC skips prepare; when the folder
 changed, the archive changes and prepare reruns. Each test builds its own throwaway project.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,9 +15,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.helpers import make_project, run
 from tests.synthetic import encode, synthetic_image
+
+pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
 
 CLASSES = ("birds", "cats", "dogs")
 N_TRAIN, N_TEST = 12, 4  # enough per class for prepare's validation split and minimum counts

@@ -1,4 +1,5 @@
 """train@<backbone> under distribute.strategy: mirrored over two logical CPU devices matches `none`."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.common import PipelineError
-from stages.distribute import strategy_for
 from tests.helpers import PROJECT_ROOT, run
+
+pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
 
 
 def separable(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +38,8 @@ def features_project(root: Path, strategy: str) -> Path:
     params["distribute"]["strategy"] = strategy
     params["train"]["epochs"] = 30
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    shutil.copytree(PROJECT_ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("stages", "tlpipe"):
+        shutil.copytree(PROJECT_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     return root
 
 
@@ -60,14 +62,3 @@ def test_mirrored_on_two_cpus_gives_the_accuracy_of_none(tmp_path: Path) -> None
         accuracies[strategy] = float(run([sys.executable, "-c", script], project).stdout.split()[-1])
     assert accuracies["none"] > 0.9
     assert abs(accuracies["mirrored"] - accuracies["none"]) <= 0.02, accuracies
-
-
-def test_multi_worker_stops_with_one_line_naming_the_keras_issue(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keras 3's Model.fit fails under MultiWorkerMirroredStrategy (tried with two workers on 127.0.0.1)."""
-    cluster = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 0}}
-    monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
-    with pytest.raises(PipelineError) as error:
-        strategy_for({"strategy": "multi_worker", "cpu_replicas": 2})
-    assert "\n" not in str(error.value)
-    assert "keras-team/keras#20585" in str(error.value) and "use none or mirrored" in str(error.value)
-

@@ -1,5 +1,6 @@
 """Feature extraction: constant-weight forward pass, decoding keeps order with or without the tf.data autotuner,
 compact storage, one-line errors about weights."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,12 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stages.common import PipelineError
-from stages.backbones import PRECISIONS, build_extractor
-from stages.features import bfloat16_notice, compact, extract, load_extractor, traced
-from stages.models import inference_function
+from tlpipe.backbones import PRECISIONS, build_extractor
+from tlpipe.errors import PipelineError
+from tlpipe.extraction import bfloat16_notice, extract, load_extractor, traced
+from tlpipe.feature_cache import compact
+from tlpipe.models import inference_function
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_constant_weight_forward_pass_gives_the_keras_models_features(precision: str) -> None:
     # Batch norm with trained statistics, so that folding it into the convolutions would show.
@@ -22,8 +25,14 @@ def test_constant_weight_forward_pass_gives_the_keras_models_features(precision:
     for layer in base.layers:
         if layer.__class__.__name__ == "BatchNormalization":
             gamma, beta, mean, variance = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 2, gamma.shape), rng.normal(0, 0.5, beta.shape),
-                               rng.normal(0, 0.5, mean.shape), rng.uniform(0.5, 2, variance.shape)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 2, gamma.shape),
+                    rng.normal(0, 0.5, beta.shape),
+                    rng.normal(0, 0.5, mean.shape),
+                    rng.uniform(0.5, 2, variance.shape),
+                ]
+            )
     forward = inference_function(lambda images: extractor(images, training=False), (None, 32, 32, 3))
     pixels = rng.uniform(0, 255, (5, 32, 32, 3)).astype("float32")
     expected = np.asarray(extractor(pixels, training=False))
@@ -54,7 +63,9 @@ def test_unreachable_imagenet_weights_say_what_to_set(monkeypatch: pytest.Monkey
 
     def offline(*args: object, **kwargs: object) -> None:
         # What keras.utils.get_file raises without a network connection.
-        raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5: None -- [Errno -2] Name or service not known")
+        raise Exception(
+            "URL fetch failure on https://storage.googleapis.com/x.h5: None -- [Errno -2] Name or service not known"
+        )
 
     monkeypatch.setattr(file_utils, "get_file", offline)
     with pytest.raises(PipelineError) as error:
@@ -76,6 +87,7 @@ def test_weights_of_another_architecture_are_one_line(tmp_path: Path) -> None:
     assert str(error.value).startswith(f"cannot build VGG16 with backbones.vgg16.weights='{other}'")
 
 
+@pytest.mark.slow
 def test_a_weights_file_saved_by_the_user_is_loaded(tmp_path: Path) -> None:
     import keras
 
@@ -114,8 +126,10 @@ def test_extraction_keeps_the_order_of_the_paths_across_batches(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("shuffle_seed", [None, 7])
-def test_the_cpu_settings_give_the_autotuners_batches_without_the_autotuner(tmp_path: Path, shuffle_seed: int | None) -> None:
-    from stages.datasets import image_dataset
+def test_the_cpu_settings_give_the_autotuners_batches_without_the_autotuner(
+    tmp_path: Path, shuffle_seed: int | None
+) -> None:
+    from tlpipe.datasets import image_dataset
 
     levels = list(range(10, 250, 20))
     paths, labels = grey_pngs(tmp_path, levels), np.arange(len(levels)) % 2
@@ -135,7 +149,8 @@ def test_the_cpu_settings_give_the_autotuners_batches_without_the_autotuner(tmp_
 
 
 @pytest.mark.parametrize(
-    ("flags", "warned"), [("fpu avx512f avx512_bf16 fma", False), ("fpu amx_bf16 amx_tile", False), ("fpu avx2 fma", True)]
+    ("flags", "warned"),
+    [("fpu avx512f avx512_bf16 fma", False), ("fpu amx_bf16 amx_tile", False), ("fpu avx2 fma", True)],
 )
 def test_bfloat16_on_a_cpu_without_bfloat16_arithmetic_gets_a_notice(tmp_path: Path, flags: str, warned: bool) -> None:
     cpuinfo = tmp_path / "cpuinfo"

@@ -1,20 +1,21 @@
 """Tests of the `fetch` stage against a real HTTP server on 127.0.0.1 and local files."""
+
 from __future__ import annotations
 
 import hashlib
 import http.server
 import json
 import os
-import shutil
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import yaml
@@ -23,9 +24,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))  # `pytest` alone (unlike `python -m pytest`) skips the cwd
 
-from stages import fetch as fetch_module  # noqa: E402
-from stages.common import PipelineError  # noqa: E402
-from stages.fetch import Source, fetch, pack_directory, partial_path, read_record, write_record  # noqa: E402
+from tlpipe import download as fetch_module  # noqa: E402
+from tlpipe.download import Source, fetch, pack_directory, partial_path, read_record, write_record  # noqa: E402
+from tlpipe.errors import PipelineError  # noqa: E402
 
 DATA = bytes(range(256)) * 400 + b"tail"  # 102 404 bytes, not a multiple of anything convenient
 HALF = len(DATA) // 2
@@ -160,9 +161,7 @@ def test_500_twice_then_success_is_retried_with_backoff(
 ) -> None:
     sleeps: list[float] = []
     monkeypatch.setattr(fetch_module.time, "sleep", sleeps.append)
-    server.handle = lambda request: (
-        send(request, b"oops", 500) if len(server.requests) <= 2 else send(request, DATA)
-    )
+    server.handle = lambda request: send(request, b"oops", 500) if len(server.requests) <= 2 else send(request, DATA)
     assert run_fetch(server, paths, sha(DATA)).read_bytes() == DATA
     assert len(server.requests) == 3
     assert sleeps == pytest.approx([0.01, 0.02])

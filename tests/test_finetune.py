@@ -1,4 +1,5 @@
 """Fine-tuning pieces: which layers unfreeze, and a shipped EfficientNet that loads in a fresh process."""
+
 from __future__ import annotations
 
 import sys
@@ -7,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.backbones import build_base
-from stages.common import PipelineError
-from stages.finetune import ship_model, unfreeze_top
-from stages.models import build_head, save_model
 from tests.helpers import PROJECT_ROOT, run
+from tlpipe.backbones import build_base
+from tlpipe.errors import PipelineError
+from tlpipe.finetuning import ship_model, unfreeze_top
+from tlpipe.models import build_head, save_model
 
 AUGMENT = {"views": 0, "flip": True, "rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}
 
@@ -44,6 +45,7 @@ def test_unknown_block_name_lists_the_blocks() -> None:
         unfreeze_top(base, "block9")
 
 
+@pytest.mark.slow
 def test_shipped_efficientnet_takes_any_size_and_loads_in_a_fresh_process(tmp_path: Path) -> None:
     spec = {"arch": "EfficientNetB0", "image_size": 32, "weights": None}
     features = np.random.default_rng(0).normal(size=(20, 1280)).astype("float32")
@@ -56,7 +58,7 @@ def test_shipped_efficientnet_takes_any_size_and_loads_in_a_fresh_process(tmp_pa
     script = (
         "import sys, numpy as np\n"
         f"sys.path.insert(0, {str(PROJECT_ROOT)!r})\n"
-        "from stages.models import load_model\n"
+        "from tlpipe.models import load_model\n"
         f"model = load_model({str(tmp_path / 'model.keras')!r})\n"
         f"print(float(model.predict(np.load({str(tmp_path / 'image.npy')!r}), verbose=0)[0, 0]))\n"
     )

@@ -1,4 +1,5 @@
 """The README's commands in a shell where nothing is activated: no virtualenv on PATH, any folder."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import make_project
 from tests.synthetic import write_dataset_zip
+
+pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
 
 VENV_BIN = Path(sys.executable).parent
 PLAIN_ENV = {"HOME": os.environ.get("HOME", "/tmp"), "PATH": "/usr/bin:/bin", "DVC_NO_ANALYTICS": "1"}

@@ -1,4 +1,5 @@
 """Killed runs leave nothing half-written, and the next `dvc repro` recomputes what was lost."""
+
 from __future__ import annotations
 
 import os
@@ -6,15 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
 
-from stages.common import atomic_path, write_json
 from tests.helpers import one_backbone_project, run
 from tests.synthetic import write_dataset_zip
+from tlpipe.files import atomic_path, write_json
+
+pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:
@@ -43,10 +46,18 @@ def leftovers(project: Path) -> list[Path]:
 
 def repro_killed_mid_stage(project: Path, stage: str, target: str, during: Callable[[], None] = lambda: None) -> None:
     """Run `dvc repro target`, wait until `stage` has started working, call `during`, then SIGKILL it all."""
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(project)}
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(project),
+    }
     repro = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", target], cwd=project, env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "dvc", "repro", target],
+        cwd=project,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         for line in repro.stdout:  # wait until the stage under test has started working
@@ -81,7 +92,11 @@ def test_a_stage_killed_mid_run_is_recomputed(tmp_path: Path, stage: str) -> Non
 def test_the_shipped_model_stays_while_a_new_one_trains_and_after_it_is_killed(tmp_path: Path) -> None:
     archive = write_dataset_zip(tmp_path / "images.zip", n_train=40, n_test=10, size=48)
     project = one_backbone_project(
-        tmp_path / "project", archive.as_uri(), "mobilenet", "MobileNetV2", 32,
+        tmp_path / "project",
+        archive.as_uri(),
+        "mobilenet",
+        "MobileNetV2",
+        32,
         finetune={"unfreeze": 10, "epochs": 1, "batch_size": 8, "patience": 1},
     )
     run([sys.executable, "-m", "dvc", "repro"], project)
@@ -104,7 +119,7 @@ def test_the_shipped_model_stays_while_a_new_one_trains_and_after_it_is_killed(t
 
 
 def test_the_recovery_hint_names_dvc_checkout_only_where_dvc_removed_outputs(tmp_path: Path) -> None:
-    from stages.common import recovery_hint, removes_outputs
+    from tlpipe.errors import recovery_hint, removes_outputs
 
     dvc_yaml = Path(__file__).resolve().parents[1] / "dvc.yaml"
     assert [removes_outputs(stage, dvc_yaml) for stage in ("validate", "fetch", "ship")] == [False, False, False]

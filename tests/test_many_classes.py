@@ -6,6 +6,7 @@ unrounded probabilities. Whether rounding breaks a given row depends on its valu
 (random backbone, nearly uniform outputs) shows the pipeline works, and a model that is exactly uniform over
 120 classes (1/120 rounds to 0.008333; rows sum to 0.99996) reproduces the crash every time.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.common import PipelineError
-from stages.predict import predict_files
-from stages.scoring import classification_scores
 from tests.helpers import one_backbone_project, run
 from tests.synthetic import encode, synthetic_image
+from tlpipe.errors import PipelineError
+from tlpipe.prediction import predict_files
+from tlpipe.scoring import classification_scores
 
 N_CLASSES = 100
 PER_CLASS = 5
@@ -40,9 +41,14 @@ def class_tree(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_hundred_classes_end_to_end(tmp_path: Path) -> None:
     project = one_backbone_project(
-        tmp_path / "project", str(class_tree(tmp_path / "images")), "mobilenet", "MobileNetV2", 32,
+        tmp_path / "project",
+        str(class_tree(tmp_path / "images")),
+        "mobilenet",
+        "MobileNetV2",
+        32,
         train={"epochs": 5, "patience": 2},
         finetune={"epochs": 1, "batch_size": 32, "patience": 1},
     )

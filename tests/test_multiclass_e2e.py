@@ -1,4 +1,5 @@
 """Users' own data: a local folder of three classes, one grayscale and one rare, end to end with `dvc repro`."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from stages.models import class_weights
 from tests.helpers import make_project, run
 from tests.synthetic import encode, synthetic_image
+from tlpipe.models import class_weights
+
+pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
 
 CLASSES = ("apples", "kiwis", "plums")  # kiwis: grayscale; plums: rare
 COUNTS = {"apples": 40, "kiwis": 40, "plums": 12}

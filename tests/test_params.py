@@ -1,4 +1,5 @@
 """params.yaml validation: every problem reported on its own line, naming the parameter."""
+
 from __future__ import annotations
 
 import copy
@@ -7,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import PipelineError
-from stages.params import extraction_precision, load_params, resolve_weights, validate
 from tests.helpers import PROJECT_ROOT
+from tlpipe.errors import PipelineError
+from tlpipe.params import extraction_precision, load_params, resolve_weights, validate
 
 DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 
@@ -38,8 +39,14 @@ def test_the_shipped_params_are_valid() -> None:
         ({"backbones__vgg16__arch": "VGG17"}, "backbones.vgg16.arch: unknown arch 'VGG17'; allowed: VGG16"),
         ({"backbones__inception__image_size": 50}, "backbones.inception.image_size: must be between 75 and 1024"),
         ({"backbones__vgg16__image_size": "big"}, "backbones.vgg16.image_size: must be an integer"),
-        ({"backbones__vgg16__weights": "missing.weights.h5"}, "backbones.vgg16.weights: weights file missing.weights.h5 not found"),
-        ({"backbones__vgg16__weights": "noisy-student"}, "backbones.vgg16.weights: weights file noisy-student not found"),
+        (
+            {"backbones__vgg16__weights": "missing.weights.h5"},
+            "backbones.vgg16.weights: weights file missing.weights.h5 not found",
+        ),
+        (
+            {"backbones__vgg16__weights": "noisy-student"},
+            "backbones.vgg16.weights: weights file noisy-student not found",
+        ),
         ({"backbones__vgg16__pooling": "max"}, "backbones.vgg16.pooling: unknown parameter"),
         ({"model": "alexnet"}, "model: 'alexnet' is not a backbone; valid: vgg16, inception"),
         ({"data__val_fraction": 1.0}, "data.val_fraction: must be in (0.0, 1.0), got 1.0"),
@@ -48,7 +55,10 @@ def test_the_shipped_params_are_valid() -> None:
         ({"train__dropout": -0.1}, "train.dropout: must be in [0.0, 1.0)"),
         ({"train__epochs": 2.5}, "train.epochs: must be an integer, got 2.5"),
         ({"train__epochs": True}, "train.epochs: must be an integer, got True"),
-        ({"augment__flip": "yes"}, "augment.flip: must be true or false"),
+        ({"finetune__augment__flip": "yes"}, "finetune.augment.flip: must be true or false"),
+        ({"features__augment__zoom": 2}, "features.augment.zoom: must be in [0.0, 0.9]"),
+        ({"features__views": -1}, "features.views: must be between 0 and 20"),
+        ({"distribute__strategy": "parameter_server"}, "distribute.strategy: must be one of none, mirrored"),
         ({"features__precision": "float16"}, "features.precision: must be one of float32, bfloat16, got 'float16'"),
         ({"features__precision": KeyError}, "features.precision: missing"),
         ({"backbones__vgg16__precision": "half"}, "backbones.vgg16.precision: must be one of float32, bfloat16"),
@@ -108,3 +118,38 @@ def test_a_backbone_precision_overrides_the_features_precision() -> None:
     assert validate(params, PROJECT_ROOT) == []
     assert extraction_precision(params, "vgg16") == "float32"
     assert extraction_precision(params, "inception") == "bfloat16"
+
+
+def test_an_old_params_yaml_gets_one_line_per_moved_parameter() -> None:
+    """The pre-move spelling: top-level `augment` (views and transforms for both stages), multi_worker."""
+    params = copy.deepcopy(DEFAULTS)
+    params["augment"] = {"views": 0, **params["finetune"].pop("augment")}
+    del params["features"]["views"], params["features"]["augment"]
+    params["distribute"]["strategy"] = "multi_worker"
+    problems = validate(params, PROJECT_ROOT)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("augment: moved: extraction's extra views are features.views and features.augment")
+    assert "finetune.augment" in problems[0]
+    assert (
+        problems[1].startswith("distribute.strategy: multi_worker was removed")
+        and "keras-team/keras#20585" in problems[1]
+    )
+
+
+def test_traced_params_record_what_a_stage_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlpipe.params import TracedParams
+
+    reads: set[str] = set()
+    params = TracedParams(copy.deepcopy(DEFAULTS), reads)
+    spec = params["backbones"]["vgg16"]
+    assert spec["arch"] == "VGG16" and spec.get("precision") is None
+    assert [key for key, _ in params["train"].items()] == list(DEFAULTS["train"])
+    assert params["finetune"]["augment"] | {"flip": False} == DEFAULTS["finetune"]["augment"] | {"flip": False}
+    assert {
+        "backbones.vgg16.arch",
+        "backbones.vgg16.precision",
+        "train.epochs",
+        "train.class_weight",
+        "finetune.augment.zoom",
+    } <= reads
+    assert not any(name.startswith(("data", "features")) for name in reads)

@@ -1,4 +1,5 @@
 """The PNG pictures say what they show: row labels, titles that fit, AUCs, the restored epoch, any script."""
+
 from __future__ import annotations
 
 import warnings
@@ -12,8 +13,8 @@ from matplotlib import font_manager
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from stages import aggregate, pictures
-from stages.scoring import roc_records
+from tlpipe import comparison, pictures
+from tlpipe.scoring import roc_records
 
 SHIPPED_TITLE = "shipped model (efficientnet_b0 fine-tuned)"
 
@@ -31,19 +32,33 @@ def study(weights: dict[str, str | None]) -> tuple[pd.DataFrame, dict]:
     backbones = {key: {"arch": archs[key], "image_size": 32, "weights": w} for key, w in weights.items()}
     params = {"model": "c", "backbones": backbones}
     rows = [
-        {"backbone": key, "arch": arch, "image_size": 32, "accuracy": accuracy, "precision": 0.9, "recall": 0.9,
-         "f1": 0.9, "roc_auc": 0.95, "loss": 0.2, "n_test": 100, "params": 1e6, "images_per_second": speed}
+        {
+            "backbone": key,
+            "arch": arch,
+            "image_size": 32,
+            "accuracy": accuracy,
+            "precision": 0.9,
+            "recall": 0.9,
+            "f1": 0.9,
+            "roc_auc": 0.95,
+            "loss": 0.2,
+            "n_test": 100,
+            "params": 1e6,
+            "images_per_second": speed,
+        }
         for key, arch, accuracy, speed in [
-            ("b", "ResNet50", 0.97, 60.0), ("model", "MobileNetV2 fine-tuned", 0.96, 90.0),
-            ("c", "MobileNetV2", 0.95, 280.0), ("a", "VGG16", 0.90, 30.0),
+            ("b", "ResNet50", 0.97, 60.0),
+            ("model", "MobileNetV2 fine-tuned", 0.96, 90.0),
+            ("c", "MobileNetV2", 0.95, 280.0),
+            ("a", "VGG16", 0.90, 30.0),
         ]
     ]
-    return pd.DataFrame(rows)[aggregate.COLUMNS], params
+    return pd.DataFrame(rows)[comparison.COLUMNS], params
 
 
 def test_chart_rows_say_which_weights_and_which_model_is_shipped() -> None:
     table, params = study({"a": "imagenet", "b": None, "c": "weights/my base.weights.h5"})
-    fig = aggregate.chart_figure(table, params)
+    fig = comparison.chart_figure(table, params)
     acc_ax = fig.axes[0]
     # barh draws bottom up: the best row is the last tick.
     assert texts(acc_ax.get_yticklabels())[::-1] == [
@@ -55,31 +70,34 @@ def test_chart_rows_say_which_weights_and_which_model_is_shipped() -> None:
     assert "ImageNet" not in fig.get_suptitle() and "fine-tuned shipped model" in fig.get_suptitle()
     pictures.pyplot().close(fig)
 
-    fig = aggregate.chart_figure(*study({"a": "imagenet", "b": "imagenet", "c": "imagenet"}))
+    fig = comparison.chart_figure(*study({"a": "imagenet", "b": "imagenet", "c": "imagenet"}))
     assert fig.get_suptitle().startswith("Frozen ImageNet backbones")
     pictures.pyplot().close(fig)
 
 
 def test_chart_tells_the_shipped_models_throughput_apart() -> None:
-    fig = aggregate.chart_figure(*study({"a": "imagenet", "b": "imagenet", "c": "imagenet"}))
+    fig = comparison.chart_figure(*study({"a": "imagenet", "b": "imagenet", "c": "imagenet"}))
     speed_ax = fig.axes[1]
     bars = {round(bar.get_width()): bar for bar in speed_ax.patches}
     shipped, frozen = bars[90], [bars[60], bars[280], bars[30]]
     assert shipped.get_hatch() == "//" and all(not bar.get_hatch() for bar in frozen)
     assert all(shipped.get_facecolor() != bar.get_facecolor() for bar in frozen)
-    assert texts(fig.legends[0].get_texts()) == [aggregate.FROZEN_SPEED, aggregate.SHIPPED_SPEED]
+    assert texts(fig.legends[0].get_texts()) == [comparison.FROZEN_SPEED, comparison.SHIPPED_SPEED]
     assert "feature extraction" not in speed_ax.get_xlabel()
     pictures.pyplot().close(fig)
 
 
 def test_chart_writes_a_png_with_and_without_params(tmp_path: Path) -> None:
     table, params = study({"a": "imagenet", "b": None, "c": "imagenet"})
-    aggregate.chart(table, tmp_path / "with.png", params)
-    aggregate.chart(table, tmp_path / "without.png")  # the former call, without params
+    comparison.chart(table, tmp_path / "with.png", params)
+    comparison.chart(table, tmp_path / "without.png")  # the former call, without params
     for name in ("with.png", "without.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 1000
-    assert aggregate.row_labels(table, None)[:2] == ["b (ResNet50, frozen)", "model = MobileNetV2 fine-tuned (shipped)"]
+    assert comparison.row_labels(table, None)[:2] == [
+        "b (ResNet50, frozen)",
+        "model = MobileNetV2 fine-tuned (shipped)",
+    ]
 
 
 # --- titles ---------------------------------------------------------------------------------------------
@@ -247,7 +265,7 @@ def test_pictures_with_cjk_class_names_draw_no_empty_boxes(tmp_path: Path) -> No
 
 
 def test_a_hundred_class_confusion_matrix_stays_bounded_and_unannotated() -> None:
-    from stages import pictures
+    from tlpipe import pictures
 
     labels = [f"c{i:03d}" for i in range(100)]
     matrix = np.eye(100, dtype=int) * 5
@@ -260,7 +278,7 @@ def test_a_hundred_class_confusion_matrix_stays_bounded_and_unannotated() -> Non
 
 
 def test_a_roc_plot_of_many_classes_shows_their_mean_auc_instead_of_a_legend() -> None:
-    from stages import pictures
+    from tlpipe import pictures
 
     records = [
         {"class": f"c{i}", "fpr": fpr, "tpr": tpr, "threshold": 0.5}

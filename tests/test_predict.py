@@ -1,4 +1,5 @@
 """tl-predict (stages.predict) with a tiny 3-class Keras model: errors, output formats, any working folder."""
+
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,7 @@ import pytest
 
 from stages import predict
 from tests.synthetic import encode, synthetic_image
+from tlpipe import prediction
 
 CLASSES = ["apples", "kiwis", "plums"]
 
@@ -66,9 +68,9 @@ def test_missing_model_is_named_before_labels(tmp_path: Path, monkeypatch: pytes
 def test_default_model_is_the_current_folders_else_the_projects(tmp_path: Path) -> None:
     (tmp_path / "here/models").mkdir(parents=True)
     (tmp_path / "here/models/model.keras").write_bytes(b"")
-    assert predict.default_model(tmp_path / "here", tmp_path / "project") == Path("models/model.keras")
-    assert predict.default_model(tmp_path, tmp_path / "project") == tmp_path / "project/models/model.keras"
-    assert predict.default_model(tmp_path) == Path(predict.__file__).resolve().parents[1] / "models/model.keras"
+    assert prediction.default_model(tmp_path / "here", tmp_path / "project") == Path("models/model.keras")
+    assert prediction.default_model(tmp_path, tmp_path / "project") == tmp_path / "project/models/model.keras"
+    assert prediction.default_model(tmp_path) == Path(prediction.__file__).resolve().parents[1] / "models/model.keras"
 
 
 def damaged_archive(path: Path) -> None:
@@ -79,14 +81,18 @@ def damaged_archive(path: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
-        (lambda path: path.write_bytes(os.urandom(2000)), "not a .keras archive (damaged or incomplete); rebuild it with dvc repro"),
+        (
+            lambda path: path.write_bytes(os.urandom(2000)),
+            "not a .keras archive (damaged or incomplete); rebuild it with dvc repro",
+        ),
         (lambda path: path.write_bytes(path.read_bytes()[:1000]), "not a .keras archive"),
         (damaged_archive, "There is no item named 'config.json' in the archive"),
     ],
     ids=["garbage", "truncated", "zip-without-config"],
 )
-def test_corrupt_model_cannot_be_loaded(model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
-                                        damage, reason: str) -> None:
+def test_corrupt_model_cannot_be_loaded(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, damage, reason: str
+) -> None:
     monkeypatch.chdir(tmp_path)
     damage(copy_model(model_path, tmp_path))
     image = write_image(tmp_path / "a.png")
@@ -104,8 +110,9 @@ def test_missing_labels_are_named(model_path: Path, tmp_path: Path, monkeypatch:
     assert err.startswith("error: models/labels.json not found") and "model.keras" in err and err.count("\n") == 1
 
 
-def test_labels_that_do_not_match_the_model(model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capsys) -> None:
+def test_labels_that_do_not_match_the_model(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     monkeypatch.chdir(tmp_path)
     copy_model(model_path, tmp_path, labels=False)
     Path("models/labels.json").write_text(json.dumps({"classes": ["a", "b", "c", "d"]}))
@@ -145,8 +152,9 @@ def test_csv_quotes_what_would_break_a_row(model_path: Path, tmp_path: Path, cap
     assert len(rows) == 2 and rows[1][0] == str(image) and rows[1][1] in CLASSES and rows[1][3] == ""
 
 
-def test_runs_from_a_folder_without_models(model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys) -> None:
+def test_runs_from_a_folder_without_models(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     elsewhere = tmp_path / "elsewhere"
     image = write_image(elsewhere / "photo.png")
     monkeypatch.chdir(elsewhere)
@@ -171,22 +179,23 @@ def test_json_probabilities_sum_to_one(model_path: Path, tmp_path: Path, capsys)
 
 def test_predictions_keep_the_models_precision(model_path: Path, tmp_path: Path) -> None:
     """What evaluate_model scores is the model's own output, not a rounded copy of it."""
-    model, labels = predict.load_classifier(model_path)
+    model, labels = prediction.load_classifier(model_path)
     image = write_image(tmp_path / "a.png")
-    [prediction] = predict.predict_files(model, labels, [image])
-    expected = predict.classifier_function(model)(predict.read_pixels(image))
-    assert prediction.probabilities == [float(p) for p in expected]
-    assert prediction.probability == max(prediction.probabilities)
+    [result] = prediction.predict_files(model, labels, [image])
+    expected = prediction.classifier_function(model)(prediction.read_pixels(image))
+    assert result.probabilities == [float(p) for p in expected]
+    assert result.probability == max(result.probabilities)
 
 
-def test_evaluate_model_shows_progress(model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       capsys) -> None:
-    from stages import evaluate_model, progress
+def test_evaluate_model_shows_progress(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from tlpipe import progress
 
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # a line for every image instead of every 30 s
-    model, labels = predict.load_classifier(model_path)
+    model, labels = prediction.load_classifier(model_path)
     images = [write_image(tmp_path / f"{index}.png", index) for index in range(3)]
-    predictions = evaluate_model.predict_with_progress(model, labels, images)
+    predictions = prediction.predict_with_progress(model, labels, images)
     assert [p.path for p in predictions] == list(map(str, images)) and all(p.error is None for p in predictions)
     lines = capsys.readouterr().err.splitlines()
     assert lines and all(line.startswith("evaluate_model: ") for line in lines) and "3/3" in lines[-1], lines

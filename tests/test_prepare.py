@@ -1,4 +1,5 @@
 """Tests of the `prepare` stage and the image helpers it shares with `predict`."""
+
 from __future__ import annotations
 
 import csv
@@ -21,14 +22,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import prepare as prepare_module
-from stages.common import PREPARED_DIR, RAW_ARCHIVE, PipelineError
-from stages.images import ImageRejected, open_image
-from stages.prepare import Settings, carve, copy_limited, prepare
+from tests.helpers import PROJECT_ROOT, SHARED_DIR, require_shared
+from tlpipe import preparation as prepare_module
+from tlpipe.errors import PipelineError
+from tlpipe.images import ImageRejected, open_image
+from tlpipe.paths import PREPARED_DIR, RAW_ARCHIVE
+from tlpipe.preparation import Settings, carve, copy_limited, prepare
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))
-REAL_ZIP = SHARED / "data" / "cats_and_dogs_filtered.zip"
+REAL_ZIP = SHARED_DIR / "data" / "cats_and_dogs_filtered.zip"
 SETTINGS = Settings(seed=42, val_fraction=0.2, test_fraction=0.2, max_extract_bytes=10**9, max_image_pixels=10**7)
 
 
@@ -136,8 +137,12 @@ def test_two_level_layout_counts_paths_and_outputs(tmp_path, monkeypatch):
 
     # val = round(0.2 * n) per class, taken out of train/; validation/ becomes the test split.
     assert counts(rows) == {
-        ("train", "cats"): 8, ("val", "cats"): 2, ("test", "cats"): 4,
-        ("train", "dogs"): 5, ("val", "dogs"): 1, ("test", "dogs"): 3,
+        ("train", "cats"): 8,
+        ("val", "cats"): 2,
+        ("test", "cats"): 4,
+        ("train", "dogs"): 5,
+        ("val", "dogs"): 1,
+        ("test", "dogs"): 3,
     }
     assert list(rows[0]) == ["path", "label", "split"]
     for row in rows:
@@ -151,7 +156,9 @@ def test_two_level_layout_counts_paths_and_outputs(tmp_path, monkeypatch):
     assert saved == report
     assert saved["classes"] == ["cats", "dogs"]
     assert saved["counts"] == {
-        "train": {"cats": 8, "dogs": 5}, "val": {"cats": 2, "dogs": 1}, "test": {"cats": 4, "dogs": 3},
+        "train": {"cats": 8, "dogs": 5},
+        "val": {"cats": 2, "dogs": 1},
+        "test": {"cats": 4, "dogs": 3},
     }
     assert saved["skipped"] == [] and saved["converted"] == [] and saved["ignored"] == 0
     assert leftovers(tmp_path) == []
@@ -190,7 +197,17 @@ def test_a_failed_run_keeps_the_previous_output(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("n", "fraction", "expected"),
-    [(0, 0.2, 0), (1, 0.2, 0), (1, 0.9, 0), (2, 0.2, 1), (2, 0.9, 1), (3, 0.2, 1), (10, 0.2, 2), (11, 0.2, 2), (10, 0.9, 9)],
+    [
+        (0, 0.2, 0),
+        (1, 0.2, 0),
+        (1, 0.9, 0),
+        (2, 0.2, 1),
+        (2, 0.9, 1),
+        (3, 0.2, 1),
+        (10, 0.2, 2),
+        (11, 0.2, 2),
+        (10, 0.9, 9),
+    ],
 )
 def test_carve_sizes(n, fraction, expected):
     files = [Path(f"f{i:02d}") for i in range(n)]
@@ -207,8 +224,12 @@ def test_class_tree_layout_uses_test_fraction(tmp_path, monkeypatch, top):
 
     # roses: test round(3.0)=3, val round(0.25*7)=2; tulips: test round(1.5)=2, val round(0.75)=1.
     assert counts(rows) == {
-        ("train", "roses"): 5, ("val", "roses"): 2, ("test", "roses"): 3,
-        ("train", "tulips"): 2, ("val", "tulips"): 1, ("test", "tulips"): 2,
+        ("train", "roses"): 5,
+        ("val", "roses"): 2,
+        ("test", "roses"): 3,
+        ("train", "tulips"): 2,
+        ("val", "tulips"): 1,
+        ("test", "tulips"): 2,
     }
     assert report["layout"] == "class folders"
     assert report["dataset_root"] == (top.rstrip("/") or ".")
@@ -288,18 +309,26 @@ def test_class_too_small_for_every_split_is_one_line_naming_it(tmp_path, monkeyp
     ("entries", "settings"),
     [
         pytest.param(two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1}), {}, id="train/validation"),
-        pytest.param(two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1}), {"val_fraction": 0.9},
-                     id="train/validation, large val_fraction"),
+        pytest.param(
+            two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1}),
+            {"val_fraction": 0.9},
+            id="train/validation, large val_fraction",
+        ),
         pytest.param(class_images("", {"roses": 3, "tulips": 3}), {}, id="class folders"),
         # Carving the test split first must leave one image for validation, however large test_fraction is.
-        pytest.param(class_images("", {"roses": 3, "tulips": 3}), {"test_fraction": 0.9, "val_fraction": 0.9},
-                     id="class folders, large fractions"),
+        pytest.param(
+            class_images("", {"roses": 3, "tulips": 3}),
+            {"test_fraction": 0.9, "val_fraction": 0.9},
+            id="class folders, large fractions",
+        ),
     ],
 )
 def test_class_exactly_at_the_needed_count_reaches_every_split(tmp_path, monkeypatch, entries, settings):
     report, rows = run_prepare(tmp_path, monkeypatch, entries, **settings)
     assert {split: set(labels.values()) for split, labels in report["counts"].items()} == {
-        "train": {1}, "val": {1}, "test": {1},
+        "train": {1},
+        "val": {1},
+        "test": {1},
     }
     assert len(rows) == 6
 
@@ -321,8 +350,12 @@ def test_class_under_the_minimum_warns_once_and_the_run_goes_on(tmp_path, monkey
     ]
     assert json.loads((tmp_path / "data/prepared/report.json").read_text())["warnings"] == report["warnings"]
 
-    run_prepare(tmp_path, monkeypatch, two_level({"cats": 2 * minimum, "dogs": 2 * minimum}, {"cats": 1, "dogs": 1}),
-                val_fraction=0.5)
+    run_prepare(
+        tmp_path,
+        monkeypatch,
+        two_level({"cats": 2 * minimum, "dogs": 2 * minimum}, {"cats": 1, "dogs": 1}),
+        val_fraction=0.5,
+    )
     assert capsys.readouterr().err == ""
     assert json.loads((tmp_path / "data/prepared/report.json").read_text())["warnings"] == []
 
@@ -345,8 +378,11 @@ def test_entries_escaping_the_target_are_refused(tmp_path, monkeypatch, name):
 
 def test_symlink_entries_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    make_zip(tmp_path / RAW_ARCHIVE, two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1}),
-             symlinks={"dataset/train/cats/link.jpg": "/etc/passwd"})
+    make_zip(
+        tmp_path / RAW_ARCHIVE,
+        two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1}),
+        symlinks={"dataset/train/cats/link.jpg": "/etc/passwd"},
+    )
     with pytest.raises(PipelineError, match=r"entry 'dataset/train/cats/link.jpg' is a symbolic link"):
         prepare(RAW_ARCHIVE, PREPARED_DIR, SETTINGS)
     assert not (tmp_path / PREPARED_DIR).exists() and leftovers(tmp_path) == []
@@ -521,7 +557,7 @@ def test_conversions_keep_the_picture(odd_run):
 
 
 def test_read_pixels_for_predict(tmp_path):
-    from stages.predict import read_pixels
+    from tlpipe.prediction import read_pixels
 
     cmyk = tmp_path / "cmyk.jpg"
     cmyk.write_bytes(image_bytes("JPEG", "CMYK"))
@@ -539,19 +575,20 @@ def test_read_pixels_for_predict(tmp_path):
 
 def run_stage(project: Path, entries: dict[str, bytes | None] | None = None, raw: bytes | None = None):
     project.mkdir(exist_ok=True)
-    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    shutil.copy(PROJECT_ROOT / "params.yaml", project / "params.yaml")
     archive = project / RAW_ARCHIVE
     if entries is not None:
         make_zip(archive, entries)
     else:
         archive.parent.mkdir(parents=True, exist_ok=True)
         archive.write_bytes(raw or b"")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "stages.prepare"], cwd=project, env=env, capture_output=True, text=True, timeout=120
     )
 
 
+@pytest.mark.slow
 def test_command_line_success_and_errors(tmp_path):
     done = run_stage(tmp_path / "ok", two_level({"cats": 5, "dogs": 5}, {"cats": 2, "dogs": 2}))
     assert done.returncode == 0, done.stderr
@@ -576,9 +613,10 @@ def test_command_line_success_and_errors(tmp_path):
 # --- the real dataset -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 def test_real_cats_and_dogs_archive(tmp_path, monkeypatch):
-    if not REAL_ZIP.is_file():
-        pytest.skip(f"{REAL_ZIP} not found (set SHARED_DIR)")
+    require_shared(REAL_ZIP)
     monkeypatch.chdir(tmp_path)
     (tmp_path / RAW_ARCHIVE.parent).mkdir(parents=True)
     os.symlink(REAL_ZIP, tmp_path / RAW_ARCHIVE)
@@ -589,8 +627,12 @@ def test_real_cats_and_dogs_archive(tmp_path, monkeypatch):
 
     rows = read_manifest(tmp_path)
     assert counts(rows) == {
-        ("train", "cats"): 800, ("val", "cats"): 200, ("test", "cats"): 500,
-        ("train", "dogs"): 800, ("val", "dogs"): 200, ("test", "dogs"): 500,
+        ("train", "cats"): 800,
+        ("val", "cats"): 200,
+        ("test", "cats"): 500,
+        ("train", "dogs"): 800,
+        ("val", "dogs"): 200,
+        ("test", "dogs"): 500,
     }
     assert report["classes"] == ["cats", "dogs"]
     assert report["skipped"] == [] and report["converted"] == [] and report["ignored"] == 0
@@ -604,4 +646,3 @@ def test_real_cats_and_dogs_archive(tmp_path, monkeypatch):
         digest = hashlib.sha256((tmp_path / row["path"]).read_bytes()).hexdigest()
         assert digest == expected[row["path"].removeprefix(prefix)], row["path"]
     assert elapsed < 60
-

@@ -1,12 +1,14 @@
 """Progress in logs: whole lines, no carriage-return redraws; Keras fits report within and after each epoch."""
+
 from __future__ import annotations
 
 import io
 import time
 
 import numpy as np
+import pytest
 
-from stages import progress
+from tlpipe import progress
 
 
 def test_a_bar_in_a_log_writes_a_whole_line_per_interval_and_none_for_quick_work(monkeypatch) -> None:
@@ -32,6 +34,7 @@ def test_duration_reads_like_people_say_it() -> None:
     assert [progress.duration(s) for s in (4.4, 89, 600, 7920)] == ["4 s", "89 s", "10 min", "2.2 h"]
 
 
+@pytest.mark.slow
 def test_fit_progress_reports_the_measured_batch_time_and_every_epoch() -> None:
     import keras
 

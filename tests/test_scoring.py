@@ -1,10 +1,11 @@
 """Test-set scores and plot records against hand-computed values."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from stages.scoring import class_probabilities, classification_scores, confusion_records, roc_records
+from tlpipe.scoring import class_probabilities, classification_scores, confusion_records, roc_records
 
 
 def test_binary_scores_by_hand() -> None:

@@ -1,4 +1,5 @@
 """The head and its training data, and the comparison table built from evaluation folders."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages import aggregate
-from stages.models import build_head, load_model, loss_for, save_model
-from stages.train import training_arrays
+from tlpipe import comparison
+from tlpipe.feature_cache import training_arrays
+from tlpipe.models import build_head, load_model, loss_for, save_model
 
 
 def separable_features(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -32,6 +33,7 @@ def test_training_arrays_append_augmented_views() -> None:
     assert list(y) == [0, 1, 0, 0, 1, 0, 0, 1, 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("n_classes", "output_units"), [(2, 1), (3, 3)])
 def test_head_learns_and_survives_a_save_load_round_trip(tmp_path: Path, n_classes: int, output_units: int) -> None:
     import keras
@@ -55,37 +57,51 @@ def test_head_learns_and_survives_a_save_load_round_trip(tmp_path: Path, n_class
 def write_evaluation(root: Path, key: str, accuracy: float, roc_auc: float) -> None:
     folder = root / "reports" / "evaluation" / key
     folder.mkdir(parents=True)
-    scores = {"accuracy": accuracy, "precision": 0.9, "recall": 0.9, "f1": 0.9, "roc_auc": roc_auc, "loss": 0.2,
-              "n_test": 100, "params": 1_000_000, "images_per_second": 50.0}
+    scores = {
+        "accuracy": accuracy,
+        "precision": 0.9,
+        "recall": 0.9,
+        "f1": 0.9,
+        "roc_auc": roc_auc,
+        "loss": 0.2,
+        "n_test": 100,
+        "params": 1_000_000,
+        "images_per_second": 50.0,
+    }
     (folder / "metrics.json").write_text(json.dumps(scores))
 
 
 def test_aggregate_ranks_by_accuracy_and_writes_every_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    params = {"model": "c", "backbones": {k: {"arch": a, "image_size": 32, "weights": None}
-                                         for k, a in [("a", "VGG16"), ("b", "ResNet50"), ("c", "MobileNetV2")]}}
+    params = {
+        "model": "c",
+        "backbones": {
+            k: {"arch": a, "image_size": 32, "weights": None}
+            for k, a in [("a", "VGG16"), ("b", "ResNet50"), ("c", "MobileNetV2")]
+        },
+    }
     write_evaluation(tmp_path, "model", 0.95, 0.99)
     write_evaluation(tmp_path, "a", 0.90, 0.95)
     write_evaluation(tmp_path, "b", 0.97, 0.99)
     write_evaluation(tmp_path, "c", 0.97, 0.98)
     write_evaluation(tmp_path, "stale", 1.0, 1.0)  # a backbone no longer in params.yaml is left out
-    table = aggregate.comparison_table(params)
+    table = comparison.comparison_table(params)
     assert list(table["backbone"]) == ["b", "c", "model", "a"]  # ties broken by ROC AUC
     assert table.set_index("backbone").loc["model", "arch"] == "MobileNetV2 fine-tuned"
-    summary = aggregate.summary(table)
+    summary = comparison.summary(table)
     assert summary["best"] == "b" and summary["best_accuracy"] == 0.97
     assert list(summary["backbones"]) == ["b", "c", "model", "a"]
-    aggregate.chart(table, tmp_path / "reports" / "comparison.png")
+    comparison.chart(table, tmp_path / "reports" / "comparison.png")
     assert (tmp_path / "reports" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
-    markdown = aggregate.markdown(table)
+    markdown = comparison.markdown(table)
     assert markdown.count("\n| ") == 5 and "| b " in markdown.splitlines()[6]
 
 
 def test_aggregate_names_the_missing_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.common import PipelineError
+    from tlpipe.errors import PipelineError
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match=r"reports/evaluation/x/metrics.json is missing"):
-        aggregate.comparison_table(
+        comparison.comparison_table(
             {"model": "x", "backbones": {"x": {"arch": "VGG16", "image_size": 32, "weights": None}}}
         )

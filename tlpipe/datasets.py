@@ -1,4 +1,5 @@
 """Reading what `prepare` wrote, and `tf.data` pipelines over the images it lists."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from stages.common import CLASSES, MANIFEST, PipelineError, read_json
+from tlpipe.errors import PipelineError
+from tlpipe.files import read_json
+from tlpipe.paths import CLASSES, MANIFEST
 
 if TYPE_CHECKING:
     import keras
@@ -48,7 +51,7 @@ def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     return rows
 
 
-def decode_resized(path: "tf.Tensor", image_size: int) -> "tf.Tensor":
+def decode_resized(path: tf.Tensor, image_size: int) -> tf.Tensor:
     """File -> float32 RGB in 0..255 at image_size x image_size (bilinear, as keras.layers.Resizing)."""
     import tensorflow as tf
 
@@ -64,7 +67,7 @@ def image_dataset(
     labels: np.ndarray | None = None,
     shuffle_seed: int | None = None,
     autotune: bool | None = None,
-) -> "tf.data.Dataset":
+) -> tf.data.Dataset:
     """Batches of resized images (and labels), decoded in parallel; in manifest order unless shuffled.
 
     With `shuffle_seed` the order changes every epoch but is the same on every run. With `autotune`
@@ -88,21 +91,18 @@ def image_dataset(
     batches = images.batch(batch_size)
     if autotune:
         return batches.prefetch(tf.data.AUTOTUNE)
-    # On CPU the model needs every core, and the autotuner only costs: its model thread held up the
-    # iterator's deletion in most runs here (1.6 s after 1000 images, 10 s after 3000), and with it
-    # fine-tuning took 210 s against 183 s, the classic recipe's 10 epochs 196-213 s against 167-185 s.
+    # On CPU the model needs every core, and the autotuner only costs: its model thread competes with the
+    # model for the cores and held up the iterator's deletion (benchmarks/README.md has the measurements).
     options = tf.data.Options()
     options.autotune.enabled = False
     return batches.with_options(options)
 
 
-def array_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None = None
-) -> "tf.data.Dataset":
+def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """In-memory arrays as batches; with `shuffle_seed`, reshuffled every epoch in the same order on every run.
 
-    Keras' fit() over numpy arrays rebuilds its input pipeline every epoch, about 40 ms here, half of an
-    epoch of a head on cached features; a dataset over the arrays is built once.
+    Keras' fit() over numpy arrays rebuilds its input pipeline every epoch, a large share of an epoch of a
+    head on cached features; a dataset over the arrays is built once.
     """
     import tensorflow as tf
 
@@ -112,7 +112,7 @@ def array_batches(
     return items.batch(batch_size)
 
 
-def augmentation_layers(augment: dict[str, Any], seed: int) -> "keras.Sequential":
+def augmentation_layers(augment: dict[str, Any], seed: int) -> keras.Sequential:
     """The training-time augmentation, as Keras preprocessing layers (identity at inference)."""
     import keras
 

@@ -3,6 +3,7 @@
 The TensorFlow input pipeline decodes JPEG and PNG files itself and ignores EXIF orientation,
 alpha and bit depth, so anything that is not a plain 8-bit RGB JPEG/PNG is normalised here once.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from stages.common import PipelineError
+from tlpipe.errors import PipelineError
 
 # Formats whose files TensorFlow's decode_jpeg/decode_png read as they are (MPO is a multi-picture JPEG).
 TF_READY_FORMATS = {"JPEG", "MPO", "PNG"}

@@ -2,18 +2,26 @@
 
 Every problem is reported on its own line that names the parameter and what is allowed.
 """
+
 from __future__ import annotations
 
+import atexit
+import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from stages.backbones import PRECISIONS, REGISTRY
-from stages.common import PipelineError
+from tlpipe.backbones import PRECISIONS, REGISTRY
+from tlpipe.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+# When set to a folder, each stage writes there which parameters it read (tests/test_dependencies.py
+# compares that with the stage's `params:` in dvc.yaml).
+TRACE_VARIABLE = "TL_PARAMS_TRACE"
 BACKBONE_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 RESERVED_KEYS = {"model", "summary", "train", "plots"}  # names of files and folders beside metrics/<key>.json
 
@@ -72,7 +80,9 @@ def _regression(value: Any) -> str | None:
         if not isinstance(rule, dict) or not rule or rule.keys() - {"max_drop", "max_rise", "ignore"}:
             return f"{metric}: must be a mapping with max_drop, max_rise and/or ignore, got {rule!r}"
         for key in ("max_drop", "max_rise"):
-            if key in rule and (isinstance(rule[key], bool) or not isinstance(rule[key], (int, float)) or rule[key] < 0):
+            if key in rule and (
+                isinstance(rule[key], bool) or not isinstance(rule[key], (int, float)) or rule[key] < 0
+            ):
                 return f"{metric}.{key}: must be a number 0 or more, got {rule[key]!r}"
         if "ignore" in rule and not isinstance(rule["ignore"], bool):
             return f"{metric}.ignore: must be true or false, got {rule['ignore']!r}"
@@ -91,6 +101,13 @@ def _sha256(value: Any) -> str | None:
     return f"must be null or 64 hex digits, got {value!r}"
 
 
+AUGMENT = {
+    "flip": _bool,
+    "rotation": _float(0.0, 0.5),
+    "zoom": _float(0.0, 0.9),
+    "translation": _float(0.0, 0.9),
+    "contrast": _float(0.0, 1.0),
+}
 SCHEMA: dict[str, Any] = {
     "data": {
         "url": _url,
@@ -103,14 +120,11 @@ SCHEMA: dict[str, Any] = {
     "seed": _int(0, 2**31 - 1),
     "model": None,  # checked against the backbone keys
     "backbones": None,  # checked by _check_backbones
-    "features": {"batch_size": _int(1, 1024), "precision": _choice(*PRECISIONS)},
-    "augment": {
+    "features": {
+        "batch_size": _int(1, 1024),
+        "precision": _choice(*PRECISIONS),
         "views": _int(0, 20),
-        "flip": _bool,
-        "rotation": _float(0.0, 0.5),
-        "zoom": _float(0.0, 0.9),
-        "translation": _float(0.0, 0.9),
-        "contrast": _float(0.0, 1.0),
+        "augment": AUGMENT,
     },
     "train": {
         "epochs": _int(1, 10000),
@@ -127,11 +141,26 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _int(1, 4096),
         "learning_rate": _float(0.0, 1.0, include_low=False),
         "patience": _int(0, 10000),
+        "augment": AUGMENT,
     },
-    "distribute": {"strategy": _choice("none", "mirrored", "multi_worker"), "cpu_replicas": _int(1, 64)},
+    "distribute": {"strategy": _choice("none", "mirrored"), "cpu_replicas": _int(1, 64)},
     "regression": _regression,
 }
 OPTIONAL_SECTIONS: set[str] = set()
+# Parameters that moved or went away: an old params.yaml gets one line per key naming the new spelling.
+MOVED = {
+    ("augment",): (
+        "moved: extraction's extra views are features.views and features.augment, fine-tuning's augmentation "
+        "is finetune.augment (same keys: flip, rotation, zoom, translation, contrast), so that tuning one no "
+        "longer reruns the other"
+    ),
+}
+RETIRED_VALUES = {
+    ("distribute", "strategy", "multi_worker"): (
+        "multi_worker was removed: Keras 3's Model.fit fails under MultiWorkerMirroredStrategy "
+        "(keras-team/keras#20585); use none or mirrored (all GPUs of one machine)"
+    ),
+}
 
 
 def _check_section(prefix: str, schema: Any, value: Any, problems: list[str]) -> None:
@@ -200,6 +229,8 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
     """All problems with `params`, one message each; empty when it is valid."""
     if not isinstance(params, dict):
         return ["params.yaml: must be a mapping of sections (data, seed, model, backbones, ...)"]
+    if moved := moved_parameters(params):
+        return moved
     problems: list[str] = []
     _check_section("", SCHEMA, params, problems)
     _check_backbones(params.get("backbones"), root, problems)
@@ -207,6 +238,67 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
     if isinstance(backbones, dict) and "model" in params and params["model"] not in backbones:
         problems.append(f"model: {params['model']!r} is not a backbone; valid: {', '.join(map(str, backbones))}")
     return problems
+
+
+def _lookup(params: Any, keys: tuple[str, ...]) -> tuple[bool, Any]:
+    for key in keys:
+        if not isinstance(params, dict) or key not in params:
+            return False, None
+        params = params[key]
+    return True, params
+
+
+def moved_parameters(params: dict[str, Any]) -> list[str]:
+    """One line for each parameter of an older params.yaml that moved or was removed."""
+    problems = [f"{'.'.join(keys)}: {why}" for keys, why in MOVED.items() if _lookup(params, keys)[0]]
+    for (*keys, value), why in RETIRED_VALUES.items():
+        found, current = _lookup(params, tuple(keys))
+        if found and current == value:
+            problems.append(f"{'.'.join(keys)}: {why}")
+    return problems
+
+
+class TracedParams(dict):
+    """params.yaml as a dict that records the dotted name of every value read from it (for TL_PARAMS_TRACE)."""
+
+    def __init__(self, data: dict[str, Any], reads: set[str], prefix: str = "") -> None:
+        super().__init__(data)
+        self.reads, self.prefix = reads, prefix
+
+    def _wrap(self, key: str, value: Any) -> Any:
+        name = f"{self.prefix}{key}"
+        self.reads.add(name)
+        return TracedParams(value, self.reads, f"{name}.") if isinstance(value, dict) else value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._wrap(key, super().__getitem__(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.reads.add(f"{self.prefix}{key}")
+        return self[key] if key in self else default
+
+    def items(self) -> Any:
+        return [(key, self[key]) for key in self]
+
+    def values(self) -> Any:
+        return [self[key] for key in self]
+
+    def __or__(self, other: Any) -> dict[str, Any]:
+        return {key: self[key] for key in self} | dict(other)
+
+
+def traced(params: dict[str, Any], folder: str) -> dict[str, Any]:
+    """`params` recording what is read; the names are written to <folder>/<stage>.json when the process ends."""
+    reads: set[str] = set()
+    stage = os.environ.get("DVC_STAGE", "unknown")
+    out = Path(folder) / f"{stage.replace('@', '-')}.json"
+
+    def write() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"stage": stage, "reads": sorted(reads)}, indent=1))
+
+    atexit.register(write)
+    return TracedParams(params, reads)
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
@@ -221,6 +313,8 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     problems = validate(params, path.parent)
     if problems:
         raise PipelineError(f"{path} is invalid:\n" + "\n".join(f"  {path}: {p}" for p in problems))
+    if trace := os.environ.get(TRACE_VARIABLE):
+        return traced(params, trace)
     return params
 
 

@@ -1,21 +1,24 @@
 """Building, saving and loading Keras models: the classification head and the shipped end-to-end model."""
+
 from __future__ import annotations
 
 import importlib
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.backbones import REGISTRY
-from stages.common import PipelineError, atomic_path, first_line
+from tlpipe.backbones import REGISTRY
+from tlpipe.errors import PipelineError, first_line
+from tlpipe.files import atomic_path
 
 if TYPE_CHECKING:
     import keras
 
 
-def build_head(train_features: np.ndarray, n_classes: int, dropout: float, hidden_units: int) -> "keras.Model":
+def build_head(train_features: np.ndarray, n_classes: int, dropout: float, hidden_units: int) -> keras.Model:
     """Normalization -> Dropout -> [Dense(relu) -> Dropout] -> Dense(sigmoid for 2 classes, softmax for more).
 
     The normalization is adapted to the training features, so one learning rate suits every backbone
@@ -50,12 +53,12 @@ def loss_for(n_classes: int) -> str:
     return "binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy"
 
 
-def save_model(model: "keras.Model", path: Path) -> None:
+def save_model(model: keras.Model, path: Path) -> None:
     with atomic_path(path) as tmp:
         model.save(tmp)
 
 
-def load_model(path: Path | str) -> "keras.Model":
+def load_model(path: Path | str) -> keras.Model:
     """Load a model saved by this project, importing what custom backbones (EfficientNet) need first."""
     for module in sorted({m for backbone in REGISTRY.values() for m in backbone.loader_imports}):
         importlib.import_module(module)
@@ -66,7 +69,9 @@ def load_model(path: Path | str) -> "keras.Model":
         raise PipelineError(f"{path} not found; run dvc repro to build it")
     # Keras says `File not found` for any .keras file that is not a zip archive, which misleads.
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):
-        raise PipelineError(f"cannot load {path}: not a .keras archive (damaged or incomplete); rebuild it with dvc repro")
+        raise PipelineError(
+            f"cannot load {path}: not a .keras archive (damaged or incomplete); rebuild it with dvc repro"
+        )
     try:
         return keras.models.load_model(path)
     except Exception as error:  # a damaged archive raises ValueError, KeyError, JSONDecodeError, TypeError, ...
@@ -76,15 +81,15 @@ def load_model(path: Path | str) -> "keras.Model":
 def inference_function(forward: Callable[[Any], Any], input_shape: tuple[int | None, ...]) -> Callable[[Any], Any]:
     """`forward` (float32 batch -> one tensor) compiled once for inference, with the weights as constants.
 
-    Inside tf.function the model skips model.predict's per-call overhead (up to 2x on CPU), and a signature
-    with free dimensions keeps a short last batch or a new image size from tracing the graph again. With the
-    variables turned into constants, TensorFlow's graph optimiser folds what depends only on the weights and
-    fuses convolution, batch norm and activation into single oneDNN kernels: same outputs, 1.6x faster for
-    MobileNetV2, 1.3x EfficientNetB0, 1.1x InceptionV3 and ResNet50, 1.0x VGG16 on this 2-core CPU. The
-    function therefore never sees later changes to the weights, and random layers would repeat one draw:
-    inference only.
+    Inside tf.function the model skips model.predict's per-call overhead, and a signature with free
+    dimensions keeps a short last batch or a new image size from tracing the graph again. With the variables
+    turned into constants, TensorFlow's graph optimiser folds what depends only on the weights and fuses
+    convolution, batch norm and activation into single oneDNN kernels: the same outputs, faster (most for
+    backbones with many small layers; benchmarks/README.md measures it). The function therefore never sees
+    later changes to the weights, and random layers would repeat one draw: inference only.
     """
     import tensorflow as tf
+
     # The public tf.compat.v1 freezing works on v1 sessions only; this is its TF2 form, stable since TF 2.2.
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 

@@ -3,10 +3,12 @@
 Adding a backbone is one entry in `REGISTRY`; adding one to `params.yaml` needs no code at all.
 Keras is imported lazily so that validating parameters stays fast.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import keras
@@ -20,7 +22,7 @@ TORCH_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class Backbone:
     arch: str
-    constructor: Callable[..., "keras.Model"]
+    constructor: Callable[..., keras.Model]
     preprocessing: str  # caffe | tf | torch | none (the model rescales by itself)
     default_image_size: int = 224
     min_image_size: int = 32
@@ -30,8 +32,8 @@ class Backbone:
     loader_imports: tuple[str, ...] = ()
 
 
-def _keras_application(arch: str) -> Callable[..., "keras.Model"]:
-    def build(**kwargs: object) -> "keras.Model":
+def _keras_application(arch: str) -> Callable[..., keras.Model]:
+    def build(**kwargs: object) -> keras.Model:
         import keras
 
         return getattr(keras.applications, arch)(**kwargs)
@@ -39,8 +41,8 @@ def _keras_application(arch: str) -> Callable[..., "keras.Model"]:
     return build
 
 
-def _efficientnet_package(arch: str) -> Callable[..., "keras.Model"]:
-    def build(**kwargs: object) -> "keras.Model":
+def _efficientnet_package(arch: str) -> Callable[..., keras.Model]:
+    def build(**kwargs: object) -> keras.Model:
         import efficientnet.tfkeras as efficientnet_tfkeras
 
         return getattr(efficientnet_tfkeras, arch)(**kwargs)
@@ -107,7 +109,7 @@ REGISTRY: dict[str, Backbone] = {
 
 
 def get_backbone(arch: str) -> Backbone:
-    from stages.common import PipelineError
+    from tlpipe.errors import PipelineError
 
     try:
         return REGISTRY[arch]
@@ -115,7 +117,7 @@ def get_backbone(arch: str) -> Backbone:
         raise PipelineError(f"unknown arch {arch!r}; allowed: {', '.join(REGISTRY)}") from None
 
 
-def preprocessing_layers(mode: str) -> list["keras.layers.Layer"]:
+def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
     """Built-in Keras layers that turn RGB pixels in 0..255 into what the backbone expects.
 
     Built-in layers (not a Lambda) keep a saved model loadable with plain `keras.models.load_model`.
@@ -148,7 +150,7 @@ PRECISIONS = ("float32", "bfloat16")
 
 def build_base(
     arch: str, image_size: int, weights: str | None, seed: int = 0, precision: str = "float32"
-) -> "keras.Model":
+) -> keras.Model:
     """The frozen, pooled backbone for `image_size` x `image_size` RGB inputs in backbone scale.
 
     Seeding right before construction makes a random initialisation (`weights: null`) the same in every
@@ -176,7 +178,7 @@ def build_base(
 
 def build_extractor(
     arch: str, image_size: int, weights: str | None, seed: int = 0, precision: str = "float32"
-) -> tuple["keras.Model", "keras.Model"]:
+) -> tuple[keras.Model, keras.Model]:
     """(extractor, base): the extractor maps raw RGB pixels (0..255) of the given size to float32 pooled features.
 
     Preprocessing stays float32 whatever the precision, so pixels are scaled and centred before the base's

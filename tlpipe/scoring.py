@@ -1,4 +1,5 @@
 """Test-set scores and plot data shared by `evaluate` (per backbone) and `evaluate_model` (shipped model)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +7,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from stages.common import PipelineError
+from tlpipe.errors import PipelineError
 
 # How far from 1 a row of class probabilities may sum and still be taken for float error. A float32 softmax
 # is off by about 1e-7 per class, too much for scikit-learn's multiclass ROC AUC (1e-5) once there are
@@ -95,7 +96,11 @@ def roc_records(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str
         fpr, tpr, thresholds = skm.roc_curve(positives, probabilities[:, index])
         for f, t, th in zip(fpr, tpr, thresholds):
             records.append(
-                {"class": classes[index], "fpr": round(float(f), 6), "tpr": round(float(t), 6),
-                 "threshold": round(float(min(th, 1.0)), 6)}
+                {
+                    "class": classes[index],
+                    "fpr": round(float(f), 6),
+                    "tpr": round(float(t), 6),
+                    "threshold": round(float(min(th, 1.0)), 6),
+                }
             )
     return records

@@ -4,6 +4,7 @@ In a terminal: a tqdm bar redrawn in place. Anywhere else (a CI log, `dvc repro 
 as whole lines, one every LOG_INTERVAL_S seconds, and none for work that ends sooner, instead of
 carriage-return redraws that fill a log with hundreds of half-lines.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,8 +44,16 @@ def bar(total: int | None, desc: str, unit: str = "img", stream: IO[str] | None 
         return tqdm(total=total, desc=desc, unit=unit, file=stream, mininterval=0.5, dynamic_ncols=True, **kwargs)
     # delay: work that ends within LOG_INTERVAL_S prints no progress at all, only the stage's own summary.
     return tqdm(
-        total=total, desc=desc, unit=unit, file=_Lines(stream), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S,
-        delay=LOG_INTERVAL_S, ncols=100, ascii=True, **kwargs,
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=_Lines(stream),
+        mininterval=LOG_INTERVAL_S,
+        maxinterval=LOG_INTERVAL_S,
+        delay=LOG_INTERVAL_S,
+        ncols=100,
+        ascii=True,
+        **kwargs,
     )
 
 

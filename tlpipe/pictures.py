@@ -4,16 +4,18 @@ their scripts from a CDN). Training curves, confusion matrix, ROC curve, and the
 Class names go through `class_names`, so names in any script draw with an installed font that has their
 glyphs, or as visible \\uXXXX escapes, never as empty boxes.
 """
+
 from __future__ import annotations
 
 import contextlib
 import textwrap
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from stages.common import atomic_path
+from tlpipe.files import atomic_path
 
 MAX_ERRORS_SHOWN = 24
 MAX_ANNOTATED_CLASSES = 30  # confusion matrices with more classes show colours, not counts
@@ -23,9 +25,19 @@ TITLE_ROOM = 0.94
 # Tried first, in this order, for characters the default font (DejaVu Sans) lacks: the usual fonts with
 # CJK glyphs on Linux, macOS and Windows. Every other installed font comes after them, by name.
 PREFERRED_FALLBACKS = (
-    "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans",
-    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "Noto Sans", "PingFang SC",
-    "Hiragino Sans", "Microsoft YaHei", "Arial Unicode MS",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK TC",
+    "Noto Sans CJK KR",
+    "Source Han Sans",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "Droid Sans Fallback",
+    "Noto Sans",
+    "PingFang SC",
+    "Hiragino Sans",
+    "Microsoft YaHei",
+    "Arial Unicode MS",
 )
 # Fonts matplotlib ships that must never stand in for a letter: Last Resort draws a placeholder for whole
 # Unicode blocks (two different names would look alike), the others map code points to TeX math symbols.
@@ -134,9 +146,7 @@ def figure_title(fig: Any, title: str) -> Any:
 # --- the pictures ------------------------------------------------------------------------------------------
 
 
-def training_curves(
-    history: dict[str, list[float]], title: str, path: Path, best_epoch: int | None = None
-) -> None:
+def training_curves(history: dict[str, list[float]], title: str, path: Path, best_epoch: int | None = None) -> None:
     """Loss and accuracy per epoch, training and validation, and a line at the epoch whose weights were kept.
 
     `best_epoch` (1-based; 0 = the weights from before the first epoch) defaults to the epoch that
@@ -221,8 +231,15 @@ def roc_figure(records: list[dict[str, Any]], shown: dict[str, str], title: str)
     if len(areas) > MAX_LEGEND_CLASSES:
         # A legend of a hundred curves hides the plot; the mean says what the curves do together.
         mean = sum(areas.values()) / len(areas)
-        ax.text(0.98, 0.02, f"{len(areas)} one-vs-rest curves\nmean AUC {mean:.4f}", ha="right", va="bottom",
-                transform=ax.transAxes, fontsize=8)
+        ax.text(
+            0.98,
+            0.02,
+            f"{len(areas)} one-vs-rest curves\nmean AUC {mean:.4f}",
+            ha="right",
+            va="bottom",
+            transform=ax.transAxes,
+            fontsize=8,
+        )
     elif records:
         ax.legend(title="positive class", fontsize=8, loc="lower right")
     figure_title(fig, title)

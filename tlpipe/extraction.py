@@ -1,0 +1,118 @@
+"""Running a frozen ImageNet base over images: the forward pass the features stage caches.
+
+Each image goes through the base once (plus any augmented views), instead of once per epoch as in the
+classic recipe; the head then trains on the cached arrays.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlpipe import progress
+from tlpipe.backbones import build_extractor, get_backbone
+from tlpipe.datasets import image_dataset
+from tlpipe.errors import PipelineError, first_line
+from tlpipe.models import inference_function
+from tlpipe.params import resolve_weights
+
+
+def load_extractor(key: str, spec: dict[str, Any], seed: int = 0, precision: str = "float32") -> tuple[Any, int]:
+    """(extractor, number of backbone parameters), with a clear error when the weights do not fit."""
+    backbone = get_backbone(spec["arch"])
+    weights = resolve_weights(spec["weights"], backbone.named_weights)
+    try:
+        extractor, base = build_extractor(spec["arch"], spec["image_size"], weights, seed, precision)
+    except Exception as error:  # Keras raises a bare Exception when a weights download fails
+        reason = first_line(error)
+        if weights in backbone.named_weights and "fetch failure" in reason:
+            raise PipelineError(
+                f"cannot download the {weights} weights of {spec['arch']} ({reason}); without internet, set "
+                f"backbones.{key}.weights to a local Keras weights file, or to null for random initialisation"
+            ) from None
+        raise PipelineError(
+            f"cannot build {spec['arch']} with backbones.{key}.weights={spec['weights']!r}: {reason}"
+        ) from None
+    return extractor, base.count_params()
+
+
+def bfloat16_notice(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """A warning when bfloat16 would be emulated: no GPU, and a Linux CPU without AVX512_BF16 or AMX."""
+    import tensorflow as tf
+
+    if precision != "bfloat16" or tf.config.list_physical_devices("GPU") or not cpuinfo.is_file():
+        return None
+    if re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo.read_text(errors="replace")):
+        return None
+    return (
+        "this CPU has no bfloat16 arithmetic (AVX512_BF16 or AMX), so bfloat16 extraction may be slower "
+        "than float32; consider features.precision: float32"
+    )
+
+
+def traced(function: Callable[[Any], Any], image_size: int) -> Callable[[Any], Any]:
+    """`function` (images -> tensor) as a tf.function traced once for any batch size, variables kept live.
+
+    For the augmentation, whose random layers keep their seed state in variables; the frozen base goes
+    through models.inference_function instead, which turns its weights into constants.
+    """
+    import tensorflow as tf
+
+    compiled = tf.function(function, input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
+    compiled.get_concrete_function()
+    return compiled
+
+
+def base_forward(extractor: Any, image_size: int) -> Callable[[Any], Any]:
+    """The extractor's forward pass as the stage runs it: weights as constants (models.inference_function)."""
+    return inference_function(lambda images: extractor(images, training=False), (None, image_size, image_size, 3))
+
+
+def extract(forward: Callable[[Any], Any], paths: list[str], image_size: int, batch_size: int, desc: str) -> np.ndarray:
+    """Features of the images in `paths`, in order.
+
+    On CPU the next batch is decoded while the model runs over this one, on the same cores; that costs the
+    forward pass only the decoding's own CPU time (see datasets.image_dataset).
+    """
+    features = []
+    with progress.bar(len(paths), desc) as shown:
+        for images in image_dataset(paths, image_size, batch_size):
+            features.append(forward(images).numpy())
+            shown.update(len(features[-1]))
+    return np.concatenate(features)
+
+
+def extract_splits(
+    forward: Callable[[Any], Any], rows: dict[str, Any], image_size: int, batch_size: int, desc: str
+) -> dict[str, np.ndarray]:
+    """`x_<split>` features and `y_<split>` labels for each split of `rows` (manifest rows by split).
+
+    One pass over every image, in the order of `rows`, then cut back into splits: a single progress bar.
+    """
+    every_image = extract(forward, [p for part in rows.values() for p in part["path"]], image_size, batch_size, desc)
+    ends = np.cumsum([len(part) for part in rows.values()])
+    arrays: dict[str, np.ndarray] = {}
+    for (split, part), features in zip(rows.items(), np.split(every_image, ends[:-1])):
+        arrays[f"x_{split}"] = features
+        arrays[f"y_{split}"] = part["label_index"].to_numpy()
+    return arrays
+
+
+def extract_views(
+    forward: Callable[[Any], Any],
+    augmenter: Any,
+    train_rows: Any,
+    views: int,
+    image_size: int,
+    batch_size: int,
+    desc: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of `views` augmented copies of each training image (the augmentation is seeded)."""
+    augment = traced(lambda images: augmenter(images, training=True), image_size)
+    paths = list(train_rows["path"]) * views
+    features = extract(lambda images: forward(augment(images)), paths, image_size, batch_size, desc)
+    return features, np.tile(train_rows["label_index"].to_numpy(), views)

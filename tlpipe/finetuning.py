@@ -1,0 +1,81 @@
+"""Fine-tuning a frozen base and its trained head end to end: the model to ship, and what it will cost."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from tlpipe.backbones import build_base, get_backbone, preprocessing_layers
+from tlpipe.datasets import augmentation_layers
+from tlpipe.errors import PipelineError
+from tlpipe.params import resolve_weights
+from tlpipe.progress import duration
+
+# A training step runs the forward pass, then the backward pass through the unfrozen layers, which costs
+# up to twice the forward pass: an estimate before training starts, refined by the measured first batches.
+STEP_COST_IN_FORWARD_PASSES = 3.0
+
+
+def unfreeze_top(base: Any, unfreeze: int | str) -> int:
+    """Make the top of `base` trainable: the last `unfreeze` layers, or every layer from the first whose
+    name starts with `unfreeze` (a block name such as `block5` or `top`). Returns the number unfrozen."""
+    import keras
+
+    layers = base.layers
+    if isinstance(unfreeze, str):
+        starts = [i for i, layer in enumerate(layers) if layer.name.startswith(unfreeze)]
+        if not starts:
+            blocks = sorted({layer.name.split("_")[0] for layer in layers})
+            raise PipelineError(
+                f"finetune.unfreeze: no layer of {base.name} starts with {unfreeze!r}; "
+                f"use a layer count or one of: {', '.join(blocks[:40])}"
+            )
+        first = starts[0]
+    else:
+        first = max(0, len(layers) - unfreeze)
+    base.trainable = True
+    for index, layer in enumerate(layers):
+        # Batch-norm statistics fitted on ImageNet would be wrecked by small batches of a new dataset.
+        layer.trainable = index >= first and not isinstance(layer, keras.layers.BatchNormalization)
+    return len(layers) - first
+
+
+def ship_model(key: str, spec: dict[str, Any], head: Any, augment: dict[str, Any], seed: int) -> tuple[Any, Any]:
+    """(model, base): raw RGB pixels of any size -> class probabilities."""
+    import keras
+
+    backbone = get_backbone(spec["arch"])
+    base = build_base(spec["arch"], spec["image_size"], resolve_weights(spec["weights"], backbone.named_weights), seed)
+    inputs = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Resizing(spec["image_size"], spec["image_size"], name="resize")(inputs)
+    x = augmentation_layers(augment, seed)(x)
+    for layer in preprocessing_layers(backbone.preprocessing):
+        x = layer(x)
+    x = base(x, training=False)  # training=False keeps batch norm in inference mode even when unfrozen
+    outputs = head(x)
+    return keras.Model(inputs, outputs, name=f"{key}_classifier"), base
+
+
+def forward_seconds_per_image(model: Any, images: Any) -> float:
+    """Wall-clock seconds of one inference forward pass per image, measured on one batch after a warm-up."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: model(x, training=False))
+    forward(images)
+    started = time.perf_counter()
+    forward(images).numpy()
+    return (time.perf_counter() - started) / len(images)
+
+
+def announce_estimate(key: str, per_image_s: float, n_train: int, n_val: int, epochs: int) -> None:
+    """Before a long run: how long it will take, and which parameters make it shorter."""
+    epoch_s = per_image_s * (STEP_COST_IN_FORWARD_PASSES * n_train + n_val)
+    print(
+        f"{key}: fine-tuning {epochs} epochs of {n_train} images should take about {duration(epochs * epoch_s)} "
+        f"({duration(epoch_s)} per epoch; forward pass measured here at {1 / per_image_s:.0f} images/s; "
+        "early stopping may end it sooner). To shorten it: lower finetune.epochs or finetune.unfreeze, "
+        "choose a lighter backbone (model), or use a GPU.",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -1,0 +1,62 @@
+"""Every path the pipeline reads or writes, relative to the project root: the one place each is spelled.
+
+dvc.yaml declares the same paths; tests/test_dependencies.py checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Written by the `validate` stage, which every other stage runs after (see stages/validate.py).
+VALIDATED = Path("data/params.validated")
+RAW_DIR = Path("data/raw")
+RAW_ARCHIVE = RAW_DIR / "dataset.zip"
+SOURCE_RECORD = RAW_DIR / "source.json"
+PARTIAL_DIR = Path("data/.downloads")
+PREPARED_DIR = Path("data/prepared")
+MANIFEST = PREPARED_DIR / "manifest.csv"
+CLASSES = PREPARED_DIR / "classes.json"
+REPORT = PREPARED_DIR / "report.json"
+FEATURES_DIR = Path("data/features")
+MODELS_DIR = Path("models")
+# What finetune trains, and what the `ship` stage then puts in place of the shipped model. Two paths, so
+# that the shipped model stays in place (DVC deletes a stage's outputs before it runs the stage) while a
+# new one trains. Files, not folders: no backbone key (models/<key>/) can take these names.
+FINETUNED_MODEL = MODELS_DIR / "finetuned.keras"
+FINETUNED_LABELS = MODELS_DIR / "finetuned.labels.json"
+# The shipped model and its class names: what predict, evaluate_model and users load.
+SHIPPED_MODEL = MODELS_DIR / "model.keras"
+SHIPPED_LABELS = MODELS_DIR / "labels.json"
+METRICS_DIR = Path("metrics")
+SUMMARY_METRICS = METRICS_DIR / "summary.json"
+FINETUNE_LOG_DIR = METRICS_DIR / "finetune"
+EVALUATION_DIR = Path("reports/evaluation")
+TRAINING_PICTURES_DIR = Path("reports/training")
+COMPARISON_DIR = Path("reports")
+# The name evaluate_model writes its evaluation under, beside the backbone keys.
+SHIPPED_NAME = "model"
+
+
+def features_dir(key: str) -> Path:
+    return FEATURES_DIR / key
+
+
+def head_model(key: str) -> Path:
+    return MODELS_DIR / key / "head.keras"
+
+
+def metrics_file(name: str) -> Path:
+    """metrics/<backbone>.json, or metrics/model.json for the shipped model."""
+    return METRICS_DIR / f"{name}.json"
+
+
+def evaluation_dir(name: str) -> Path:
+    return EVALUATION_DIR / name
+
+
+def train_log_dir(key: str) -> Path:
+    return METRICS_DIR / "train" / key
+
+
+def training_picture(name: str) -> Path:
+    return TRAINING_PICTURES_DIR / f"{name}.png"
