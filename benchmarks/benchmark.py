@@ -152,7 +152,7 @@ def extraction_against_ceiling(
     window_seconds: float = 5.0,
     rounds: int = 3,
 ) -> dict[str, float]:
-    """Images/s of the features stage's extraction (decode + forward: `stages.features.extract` over the
+    """Images/s of the features stage's extraction (decode + forward: `tlpipe.extraction.extract` over the
     stage's constant-weight forward function) against the raw ceiling over the same number of images.
 
     The raw ceiling is the faster of two forward passes over one in-memory batch: the bare Keras model in

@@ -3,7 +3,7 @@
 Run in a pipeline project after `dvc repro prepare`. On the same splits as the pipeline, it trains a new head
 on the frozen base with augmentation on the fly, so every image goes through the base again in every step of
 every epoch (the tutorial's RMSprop, 1e-4, dropout 0.2, batch 32), then prints the test accuracy as JSON.
-It decodes through the pipeline's own `stages.datasets.image_dataset`, so that the two differ only in how
+It decodes through the pipeline's own `tlpipe.datasets.image_dataset`, so that the two differ only in how
 often each image goes through the base; `--autotune` uses tf.data's autotuner as the keras.io examples do.
 The benchmark times the whole process, Python and TensorFlow start-up included, as it times the stages.
 """

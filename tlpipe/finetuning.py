@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from tlpipe.backbones import build_base, get_backbone, preprocessing_layers
 from tlpipe.datasets import augmentation_layers
 from tlpipe.errors import PipelineError
+from tlpipe.models import class_weights, loss_for
 from tlpipe.params import resolve_weights
 from tlpipe.progress import duration
 
@@ -79,3 +83,66 @@ def announce_estimate(key: str, per_image_s: float, n_train: int, n_val: int, ep
         file=sys.stderr,
         flush=True,
     )
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    history: dict[str, list[float]]
+    frozen: tuple[float, float]  # validation (loss, accuracy) before fine-tuning
+    tuned: tuple[float, float]  # ... and of the weights kept
+    best_epoch: int | None  # None: the epoch early stopping restored; 0: the frozen weights were kept
+
+    def summary(self, key: str, unfrozen: int) -> str:
+        return (
+            f"{key}: {unfrozen} layers unfrozen; validation loss {self.frozen[0]:.4f} -> {self.tuned[0]:.4f}, "
+            f"accuracy {self.frozen[1]:.4f} -> {self.tuned[1]:.4f}"
+        )
+
+
+def fine_tune(
+    key: str,
+    model: Any,
+    strategy: Any,
+    data: tuple[Any, Any],
+    train_labels: np.ndarray,
+    n_val: int,
+    n_classes: int,
+    settings: dict[str, Any],
+    class_weight: str | None,
+    callbacks: list[Any],
+) -> FineTuned:
+    """Train `model` (params.yaml `finetune:`) on (train, val) image batches with early stopping on val.
+
+    Prints an estimate of the time it will take first. Fine-tuning must never ship something worse than the
+    frozen base and head it started from: when the validation loss ends higher, the frozen weights are kept.
+    """
+    import keras
+
+    train_data, val_data = data
+    with strategy.scope():
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=settings["learning_rate"]),
+            loss=loss_for(n_classes),
+            metrics=["accuracy"],
+        )
+    frozen_weights = model.get_weights()
+    sample, _ = next(iter(val_data))
+    announce_estimate(key, forward_seconds_per_image(model, sample), len(train_labels), n_val, settings["epochs"])
+    frozen = tuple(model.evaluate(val_data, verbose=0))
+    history = model.fit(
+        train_data,
+        validation_data=val_data,
+        epochs=settings["epochs"],
+        class_weight=class_weights(train_labels, n_classes, class_weight),
+        shuffle=False,  # the dataset reshuffles itself every epoch (seeded); Keras warns if asked to
+        verbose=0,
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings["patience"], restore_best_weights=True),
+            *callbacks,
+        ],
+    )
+    tuned = tuple(model.evaluate(val_data, verbose=0))
+    if tuned[0] > frozen[0]:
+        model.set_weights(frozen_weights)
+        return FineTuned(history.history, frozen, frozen, best_epoch=0)
+    return FineTuned(history.history, frozen, tuned, best_epoch=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlpipe.backbones import REGISTRY
+from tlpipe.datasets import array_batches
 from tlpipe.errors import PipelineError, first_line
 from tlpipe.files import atomic_path
 
@@ -98,3 +100,49 @@ def inference_function(forward: Callable[[Any], Any], input_shape: tuple[int | N
     constant = convert_variables_to_constants_v2(traced.get_concrete_function())
     # The converted function keeps only the flat signature, which takes tensors, not arrays.
     return lambda inputs: constant(tf.convert_to_tensor(inputs, tf.float32))[0]
+
+
+def train_head(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+    settings: dict[str, Any],
+    seed: int,
+    strategy: Any,
+    callbacks: list[Any],
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Fit a new head on cached features with early stopping on `val` (params.yaml `train:`); (head, history)."""
+    import keras
+
+    (x_train, y_train), (x_val, y_val) = train, val
+    with strategy.scope():
+        head = build_head(x_train, n_classes, settings["dropout"], settings["hidden_units"])
+        head.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=settings["learning_rate"]),
+            loss=loss_for(n_classes),
+            metrics=["accuracy"],
+            # A whole epoch per call: the head is so small that per-step Python overhead dominates otherwise.
+            steps_per_execution=math.ceil(len(x_train) / settings["batch_size"]),
+        )
+    history = head.fit(
+        array_batches(x_train, y_train, settings["batch_size"], shuffle_seed=seed),
+        validation_data=array_batches(x_val.astype(np.float32), y_val, settings["batch_size"]),
+        epochs=settings["epochs"],
+        class_weight=class_weights(y_train, n_classes, settings["class_weight"]),
+        shuffle=False,  # the dataset reshuffles itself every epoch (seeded); Keras warns if asked to
+        verbose=0,
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings["patience"], restore_best_weights=True),
+            *callbacks,
+        ],
+    )
+    return head, history.history
+
+
+def best_epoch(history: dict[str, list[float]]) -> str:
+    """The epoch early stopping kept, in one line: `N epochs, best epoch B: val_loss ..., val_accuracy ...`."""
+    best = int(np.argmin(history["val_loss"]))
+    return (
+        f"{len(history['loss'])} epochs, best epoch {best + 1}: "
+        f"val_loss {history['val_loss'][best]:.4f}, val_accuracy {history['val_accuracy'][best]:.4f}"
+    )

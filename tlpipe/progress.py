@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any
 
 from tqdm import tqdm
@@ -114,3 +115,12 @@ def fit_progress(desc: str, steps_per_epoch: int, epochs: int, stream: IO[str] |
             print(f"{desc} epoch {epoch + 1}/{epochs}: {shown} ({duration(seconds)})", file=out, flush=True)
 
     return FitProgress()
+
+
+def dvclive_callback(log_dir: Path) -> Any:
+    """Keras callback logging every epoch's metrics with dvclive into `log_dir` (plots declared in dvc.yaml)."""
+    from dvclive import Live
+    from dvclive.keras import DVCLiveCallback
+
+    # dvcyaml=None: the pipeline's dvc.yaml already declares these plots; dvclive must not rewrite it.
+    return DVCLiveCallback(live=Live(str(log_dir), dvcyaml=None, save_dvc_exp=False))

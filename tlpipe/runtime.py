@@ -55,3 +55,10 @@ def strategy_for(settings: dict[str, Any]) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy([d.name for d in gpus])
     cpus = tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([d.name for d in cpus], cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def strategy_line(settings: dict[str, Any], strategy: tf.distribute.Strategy) -> str | None:
+    """What a training stage says about its strategy: nothing for the default, one device."""
+    if settings["strategy"] == "none":
+        return None
+    return f"training under {settings['strategy']} on {strategy.num_replicas_in_sync} replicas"
