@@ -646,3 +646,20 @@ def test_real_cats_and_dogs_archive(tmp_path, monkeypatch):
         digest = hashlib.sha256((tmp_path / row["path"]).read_bytes()).hexdigest()
         assert digest == expected[row["path"].removeprefix(prefix)], row["path"]
     assert elapsed < 60
+
+
+def test_the_pixel_limit_holds_only_inside_its_block(tmp_path: Path) -> None:
+    """prepare's decompression-bomb limit must not leak into later code of the same process (pictures, predict)."""
+    from PIL import Image
+
+    from tlpipe.images import pixel_limit
+
+    before = Image.MAX_IMAGE_PIXELS
+    big = tmp_path / "big.png"
+    Image.new("RGB", (100, 100)).save(big)
+    with pixel_limit(5000):
+        with pytest.raises(ImageRejected):
+            open_image(big)
+    assert Image.MAX_IMAGE_PIXELS == before
+    image, _ = open_image(big)
+    assert image.size == (100, 100)

@@ -6,7 +6,9 @@ alpha and bit depth, so anything that is not a plain 8-bit RGB JPEG/PNG is norma
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,14 +48,22 @@ class ImageInfo:
         return f"{self.format} {self.mode} {self.bits}-bit{extra}"
 
 
-def set_pixel_limit(max_pixels: int) -> None:
-    """Make Pillow refuse images with more than `max_pixels` pixels (decompression bombs).
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Within the block, Pillow refuses images with more than `max_pixels` pixels (decompression bombs).
 
-    Pillow only warns between 1x and 2x its limit; turning that warning into an error makes the
-    limit exact, and the warning filter is process-wide so it also holds in worker threads.
+    Pillow only warns between 1x and 2x its limit; turning that warning into an error makes the limit exact.
+    The warning filter is process-wide, so it also holds in worker threads. Both are restored afterwards, so
+    the limit never leaks into other code of the same process.
     """
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+    previous = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 def open_image(path: Path) -> tuple[Image.Image, ImageInfo]:

@@ -28,7 +28,7 @@ from tlpipe import progress
 from tlpipe.datasets import SPLITS
 from tlpipe.errors import PipelineError
 from tlpipe.files import atomic_dir, write_json
-from tlpipe.images import ImageRejected, is_tf_ready, open_image, set_pixel_limit, to_rgb
+from tlpipe.images import ImageRejected, is_tf_ready, open_image, pixel_limit, to_rgb
 from tlpipe.paths import CLASSES, MANIFEST, REPORT
 
 SPLIT_LAYOUT = "train/validation"
@@ -95,8 +95,7 @@ def prepare(archive: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
     Manifest paths start with `out_dir`, so they are relative to the project root when `out_dir` is.
     """
     archive, out_dir = Path(archive), Path(out_dir)
-    set_pixel_limit(settings.max_image_pixels)
-    with atomic_dir(out_dir) as build:
+    with pixel_limit(settings.max_image_pixels), atomic_dir(out_dir) as build:
         images = build / "images"
         ignored = extract_archive(archive, images, settings.max_extract_bytes)
         layout = find_layout(images, archive)
