@@ -287,7 +287,7 @@ class TracedParams(dict):
         return {key: self[key] for key in self} | dict(other)
 
 
-def traced(params: dict[str, Any], folder: str) -> dict[str, Any]:
+def recording_reads(params: dict[str, Any], folder: str) -> dict[str, Any]:
     """`params` recording what is read; the names are written to <folder>/<stage>.json when the process ends."""
     reads: set[str] = set()
     stage = os.environ.get("DVC_STAGE", "unknown")
@@ -314,7 +314,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     if problems:
         raise PipelineError(f"{path} is invalid:\n" + "\n".join(f"  {path}: {p}" for p in problems))
     if trace := os.environ.get(TRACE_VARIABLE):
-        return traced(params, trace)
+        return recording_reads(params, trace)
     return params
 
 
