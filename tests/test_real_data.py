@@ -30,10 +30,10 @@ WEIGHTS = {
 }
 DEFAULT_BACKBONES = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())["backbones"]
 # Images per class taken from train/ and from validation/ for the VGG16 subset: the first ones by name.
-SUBSET = {"train": 100, "validation": 75}
-# The tutorial reported 0.93 for VGG16 on all the data; MobileNetV2 must reach this on all of it, VGG16 on the
-# subset (a tenth of the training images and 150 test images: one image is 0.7%).
-MIN_ACCURACY = {"vgg16": 0.94, "mobilenet": 0.985}
+SUBSET = {"train": 50, "validation": 50}
+# MobileNetV2 on all the data; VGG16 on the subset (a twentieth of the training images, 100 test images: one
+# image is 1%) must still reach the 0.93 the tutorial reported for it on all the data.
+MIN_ACCURACY = {"vgg16": 0.93, "mobilenet": 0.985}
 
 
 def subset_zip(source: Path, target: Path, per_split: dict[str, int]) -> Path:
