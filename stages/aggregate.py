@@ -1,4 +1,5 @@
-"""Stage aggregate: one table of every backbone, ranked by test accuracy.
+"""Stage aggregate: one table of every backbone, ranked by test accuracy, each row compared with the best
+on the same test images (paired bootstrap interval, McNemar's exact p), and the recommended backbone.
 
 Writes metrics/summary.json, reports/comparison.{md,csv} and the chart reports/comparison.png.
 """
@@ -18,10 +19,10 @@ def main() -> None:
     table = comparison_table(params)
     with atomic_path(COMPARISON_DIR / "comparison.csv") as tmp:
         table.to_csv(tmp, index=False)
-    write_text(COMPARISON_DIR / "comparison.md", markdown(table))
+    write_text(COMPARISON_DIR / "comparison.md", markdown(table, params))
     chart(table, COMPARISON_DIR / "comparison.png", params)
-    write_json(SUMMARY_METRICS, summary(table))
-    print(markdown(table))
+    write_json(SUMMARY_METRICS, summary(table, params))
+    print(markdown(table, params))
 
 
 if __name__ == "__main__":

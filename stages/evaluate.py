@@ -1,7 +1,8 @@
 """Stage evaluate@<backbone>: score the trained head on the test split's cached features.
 
 Writes metrics/<backbone>.json (the DVC metric) and reports/evaluation/<backbone>/ (the same scores,
-the confusion records, the ROC curve and per-image predictions for plots and the comparison).
+the confusion records, the ROC curve and per-image predictions for plots and the comparison). The
+temperature that calibrates the head's probabilities is fitted on the validation split's features.
 """
 
 from __future__ import annotations
@@ -12,32 +13,39 @@ import numpy as np
 
 from tlpipe.datasets import read_classes, read_manifest, split_rows
 from tlpipe.errors import stage_main
-from tlpipe.evaluation import write_evaluation
+from tlpipe.evaluation import headline, write_evaluation
 from tlpipe.feature_cache import load_features, load_meta
 from tlpipe.models import load_model
 from tlpipe.params import load_params
 from tlpipe.paths import head_model
 from tlpipe.scoring import class_probabilities
+from tlpipe.statistics import fit_temperature
 
 
 @stage_main
 def main(key: str) -> None:
-    load_params()
+    params = load_params()
     classes = read_classes()
     test_rows = split_rows(read_manifest(), "test")
     features = load_features(key)
     head = load_model(head_model(key))
-    outputs = head.predict(features["x_test"].astype(np.float32), batch_size=1024, verbose=0)
+    probabilities = {
+        split: class_probabilities(head.predict(features[f"x_{split}"].astype(np.float32), batch_size=1024, verbose=0))
+        for split in ("val", "test")
+    }
     meta = load_meta(key)
     scores = write_evaluation(
         key,
         list(test_rows["path"]),
         features["y_test"],
-        class_probabilities(outputs),
+        probabilities["test"],
         classes,
         {"params": meta["params"], "images_per_second": meta["images_per_second"]},
+        params["stats"],
+        params["seed"],
+        fit_temperature(features["y_val"], probabilities["val"]),
     )
-    print(f"{key}: test accuracy {scores['accuracy']:.4f}, roc_auc {scores['roc_auc']:.4f}", file=sys.stderr)
+    print(f"{key}: {headline(scores)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

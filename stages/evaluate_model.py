@@ -1,7 +1,8 @@
 """Stage evaluate_model: score the shipped models/model.keras end to end on the test images (from files).
 
 Uses the same code path as `tl-predict` (tlpipe/prediction.py), so the score is what users get. Writes
-metrics/model.json (the per-backbone keys plus `backbone`) and reports/evaluation/model/.
+metrics/model.json (the per-backbone keys plus `backbone`, and the paired test against the frozen row of
+the same backbone: `frozen_*` and `fine_tuning`) and reports/evaluation/model/.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import numpy as np
 
 from tlpipe.datasets import read_classes, read_manifest, split_rows
 from tlpipe.errors import PipelineError, stage_main
-from tlpipe.evaluation import write_evaluation
+from tlpipe.evaluation import fine_tuning_line, headline, paired_against, write_evaluation
 from tlpipe.params import load_params
-from tlpipe.paths import SHIPPED_MODEL, SHIPPED_NAME
-from tlpipe.prediction import class_difference, load_classifier, predict_with_progress
+from tlpipe.paths import SHIPPED_MODEL, SHIPPED_NAME, evaluation_dir
+from tlpipe.prediction import class_difference, load_classifier, predict_with_progress, read_temperature
 
 
 @stage_main
@@ -35,20 +36,30 @@ def main() -> None:
     if failed:
         raise PipelineError(f"{len(failed)} test images failed, first {failed[0].path}: {failed[0].error}")
     probabilities = np.array([p.probabilities for p in predictions])
-    key = params["model"]
+    y_true = test_rows["label_index"].to_numpy()
+    key, stats = params["model"], params["stats"]
+    # Did fine-tuning help? The same paired test aggregate runs, against the frozen row of the same backbone.
+    frozen = paired_against(
+        evaluation_dir(key) / "predictions.csv", list(test_rows["path"]), y_true, probabilities, stats, params["seed"]
+    )
     scores = write_evaluation(
         SHIPPED_NAME,
         list(test_rows["path"]),
-        test_rows["label_index"].to_numpy(),
+        y_true,
         probabilities,
         classes,
         {
             "params": int(model.count_params()),
             "images_per_second": round(len(predictions) / seconds, 1),
             "backbone": key,
-        },
+        }
+        | frozen,
+        stats,
+        params["seed"],
+        read_temperature(SHIPPED_MODEL),
     )
-    print(f"model ({key} fine-tuned): test accuracy {scores['accuracy']:.4f}", file=sys.stderr)
+    print(f"model ({key} fine-tuned): {headline(scores)}", file=sys.stderr)
+    print(f"model against frozen {key}: {fine_tuning_line(frozen, stats['alpha'])}", file=sys.stderr)
 
 
 if __name__ == "__main__":

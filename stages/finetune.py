@@ -10,6 +10,7 @@ at inference) and the backbone's preprocessing are layers inside it.
 from __future__ import annotations
 
 import sys
+import time
 
 from tlpipe import pictures
 from tlpipe.datasets import image_dataset, read_classes, read_manifest, split_rows
@@ -21,6 +22,8 @@ from tlpipe.params import load_params
 from tlpipe.paths import FINETUNE_LOG_DIR, FINETUNED_LABELS, FINETUNED_MODEL, SHIPPED_NAME, head_model, training_picture
 from tlpipe.progress import dvclive_callback, fit_progress
 from tlpipe.runtime import configure_devices, seed_everything, strategy_for
+from tlpipe.scoring import class_probabilities
+from tlpipe.statistics import fit_temperature
 
 
 @stage_main
@@ -61,7 +64,17 @@ def main() -> None:
         save_model(model, FINETUNED_MODEL)
         picture = training_picture(SHIPPED_NAME)
         pictures.training_curves(result.history, f"fine-tuning {key}", picture, best_epoch=result.best_epoch)
-        write_json(FINETUNED_LABELS, {"backbone": key, "arch": spec["arch"], "image_size": size, "classes": classes})
+        # Calibration for predict and evaluate_model: the temperature that best fits the validation images.
+        started = time.perf_counter()
+        val_probabilities = class_probabilities(model.predict(val_data, verbose=0))
+        temperature = fit_temperature(val_rows["label_index"].to_numpy(), val_probabilities)
+        seconds = time.perf_counter() - started
+        print(
+            f"{key}: temperature {temperature:.3f} (fitted on {len(val_rows)} validation images in {seconds:.1f} s)",
+            file=sys.stderr,
+        )
+        labels = {"backbone": key, "arch": spec["arch"], "image_size": size, "classes": classes}
+        write_json(FINETUNED_LABELS, labels | {"temperature": temperature})
 
 
 if __name__ == "__main__":

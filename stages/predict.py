@@ -28,7 +28,14 @@ from pathlib import Path
 from tlpipe.errors import PipelineError
 from tlpipe.output_formats import escape, report_error, write_predictions
 from tlpipe.paths import SHIPPED_MODEL
-from tlpipe.prediction import PROJECT_ROOT, default_model, image_files, load_classifier, predict_files
+from tlpipe.prediction import (
+    PROJECT_ROOT,
+    default_model,
+    image_files,
+    load_classifier,
+    predict_files,
+    read_temperature,
+)
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -46,6 +53,11 @@ def argument_parser() -> argparse.ArgumentParser:
         f"if there is one, else {PROJECT_ROOT / SHIPPED_MODEL})",
     )
     parser.add_argument("--format", choices=["text", "json", "csv"], default="text")
+    parser.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="print the model's own probabilities, without the temperature (labels.json) fitted on validation",
+    )
     return parser
 
 
@@ -54,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     model_path = args.model or default_model(Path.cwd())
     try:
         model, labels = load_classifier(model_path, "run dvc repro (or pass --model)")
+        temperature = 1.0 if args.uncalibrated else read_temperature(model_path)
     except PipelineError as error:
         print(f"error: {escape(str(error))}", file=sys.stderr)
         return 2
     missing = [p for p in args.paths if not p.exists()]
     files = image_files(p for p in args.paths if p.exists())
     started = time.perf_counter()
-    done = write_predictions(predict_files(model, labels, files), args.format, sys.stdout)
+    done = write_predictions(predict_files(model, labels, files, temperature), args.format, sys.stdout)
     for path in missing:
         report_error(path, "no such file or folder")
     classified = sum(p.error is None for p in done)

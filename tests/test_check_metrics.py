@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.helpers import make_project, run
-from tlpipe.gate import judge
+from tests.helpers import PROJECT_ROOT, make_project, run
+from tlpipe.gate import judge, judge_all, tolerance
 
 SCORES = {
     "accuracy": 0.98,
@@ -151,3 +152,46 @@ def test_judge_rules() -> None:
     assert judge("f1", "x", 0.9, 0.8, {"max_drop": 0.05}).verdict == "REGRESSED"
     assert judge("f1", "x", 0.9, 0.95, {"max_drop": 0.05}).verdict == "ok"
     assert judge("best", "summary", "vgg16", "mobilenet", {"max_drop": 0.01}).verdict == "changed"
+
+
+def test_noise_interval_lets_a_drop_inside_the_baselines_interval_pass() -> None:
+    rule = {"max_drop": 0.01, "noise": "interval"}
+    interval = (0.95, 0.99)  # the baseline's accuracy_ci_low and accuracy_ci_high
+    assert judge("accuracy", "x", 0.97, 0.955, rule, interval).verdict == "ok"  # a 0.015 drop, inside
+    assert judge("accuracy", "x", 0.97, 0.94, rule, interval).verdict == "REGRESSED"  # below the interval
+    assert judge("accuracy", "x", 0.97, 0.955, {"max_drop": 0.01}, interval).verdict == "REGRESSED"  # rule off
+    assert judge("accuracy", "x", 0.97, 0.955, rule, None).verdict == "REGRESSED"  # no interval: tolerance only
+
+
+def test_noise_interval_reads_the_baseline_interval_from_the_same_file() -> None:
+    diff = {
+        "metrics/vgg16.json": {
+            "accuracy": {"old": 0.97, "new": 0.955},
+            "accuracy_ci_low": {"old": 0.95, "new": 0.93},
+            "accuracy_ci_high": {"old": 0.99, "new": 0.97},
+        },
+        "metrics/resnet50.json": {"accuracy": {"old": 0.97, "new": 0.955}},  # no interval to judge by
+    }
+    rules = {
+        "default": {"max_drop": 0.01},
+        "accuracy": {"max_drop": 0.01, "noise": "interval"},
+        "*_ci_*": {"ignore": True},
+    }
+    verdicts = {(row.backbone, row.metric): row.verdict for row in judge_all(diff, rules)}
+    assert verdicts == {
+        ("vgg16", "accuracy"): "ok",
+        ("vgg16", "accuracy_ci_low"): "ignored",
+        ("vgg16", "accuracy_ci_high"): "ignored",
+        ("resnet50", "accuracy"): "REGRESSED",
+    }
+
+
+def test_rules_by_exact_name_then_pattern_then_default() -> None:
+    rules = {"default": {"max_drop": 0.01}, "*p_value": {"ignore": True}, "ece": {"max_rise": 0.02}}
+    assert tolerance("backbones.vgg16.frozen_p_value", rules) == {"ignore": True}
+    assert tolerance("ece", rules) == {"max_rise": 0.02}
+    assert tolerance("accuracy", rules) == {"max_drop": 0.01}
+    shipped = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())["regression"]
+    assert tolerance("accuracy_ci_low", shipped) == {"ignore": True}
+    assert tolerance("only_frozen_right", shipped) == {"ignore": True}
+    assert tolerance("ece_calibrated", shipped) == {"max_rise": 0.02}

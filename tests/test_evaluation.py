@@ -8,9 +8,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 
 from tlpipe.evaluation import write_evaluation
+from tlpipe.statistics import apply_temperature, expected_calibration_error
+
+STATS = {"confidence": 0.95, "bootstrap": 300, "alpha": 0.05}
+
+
+def test_a_single_class_test_split_gets_null_auc_with_its_reason_and_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    probabilities = np.array([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4]])  # all right: no error pictures to draw
+    scores = write_evaluation(
+        "toy", ["a", "b", "c"], np.zeros(3, int), probabilities, ["cats", "dogs"], {}, STATS, 0, 1.0
+    )
+    text = (tmp_path / "metrics/toy.json").read_text()
+    assert "NaN" not in text and json.loads(text)["roc_auc"] is None
+    assert scores["roc_auc_ci_low"] is None and "every test image is 'cats'" in scores["roc_auc_note"]
+    err = capsys.readouterr().err
+    assert "warning: toy: only 3 test images (fewer than 30)" in err and "ROC AUC undefined" in err
 
 
 @pytest.mark.parametrize("name", ["toy", "model"])
@@ -25,7 +43,7 @@ def test_an_evaluation_writes_the_metric_and_every_report(
     paths = [f"data/prepared/images/{i}.png" for i in range(40)]
     extra = {"params": 123, "images_per_second": 4.5} | ({"backbone": "toy"} if name == "model" else {})
 
-    scores = write_evaluation(name, paths, y_true, probabilities, ["cats", "dogs"], extra)
+    scores = write_evaluation(name, paths, y_true, probabilities, ["cats", "dogs"], extra, STATS, 0, 1.5)
 
     metric = json.loads((tmp_path / f"metrics/{name}.json").read_text())
     assert metric == scores == json.loads((tmp_path / f"reports/evaluation/{name}/metrics.json").read_text())
@@ -36,5 +54,15 @@ def test_an_evaluation_writes_the_metric_and_every_report(
     assert list(predictions["path"]) == paths
     assert list(predictions["actual"]) == [["cats", "dogs"][i] for i in y_true]
     assert len(json.loads((tmp_path / f"reports/evaluation/{name}/confusion.json").read_text())) == 40
-    for picture in ("confusion.png", "roc.png", "errors.png"):
+    for picture in ("confusion.png", "roc.png", "errors.png", "reliability.png"):
         assert (tmp_path / f"reports/evaluation/{name}/{picture}").read_bytes()[:4] == b"\x89PNG"
+    # The existing keys stay uncalibrated; the temperature's figures have keys of their own.
+    calibrated = apply_temperature(probabilities, 1.5)
+    assert metric["temperature"] == 1.5
+    assert metric["loss"] == pytest.approx(log_loss(y_true, probabilities), abs=1e-6)
+    assert metric["loss_calibrated"] == pytest.approx(log_loss(y_true, calibrated), abs=1e-6)
+    assert metric["ece"] == expected_calibration_error(y_true, probabilities)
+    assert metric["ece_calibrated"] == expected_calibration_error(y_true, calibrated)
+    assert predictions["probability_calibrated"].to_numpy() == pytest.approx(calibrated.max(axis=1), abs=1e-6)
+    for key in ("accuracy", "f1", "roc_auc"):
+        assert metric[f"{key}_ci_low"] <= metric[key] <= metric[f"{key}_ci_high"], key

@@ -29,6 +29,16 @@ pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
 # whose random features separate the synthetic colours, InceptionV3 fine-tuned and shipped.
 BACKBONES = yaml.safe_load((Path(__file__).parent / "gate" / "params.yaml").read_text())["backbones"]
 METRIC_KEYS = {"accuracy", "precision", "recall", "f1", "roc_auc", "loss", "n_test", "params", "images_per_second"}
+# What every evaluation adds for trust: intervals (uncalibrated scores) and calibration before and after scaling.
+TRUST_KEYS = {
+    *(f"{metric}_ci_{end}" for metric in ("accuracy", "f1", "roc_auc") for end in ("low", "high")),
+    "ece",
+    "ece_calibrated",
+    "brier",
+    "brier_calibrated",
+    "loss_calibrated",
+    "temperature",
+}
 TIMING_KEYS = {"images_per_second"}  # wall-clock numbers; everything else must repeat exactly
 
 
@@ -71,12 +81,18 @@ def test_every_stage_writes_its_outputs(project: Path) -> None:
         assert (project / f"data/features/{key}/features.npz").is_file()
         assert (project / f"models/{key}/head.keras").is_file()
         metrics = json.loads((project / f"metrics/{key}.json").read_text())
-        assert METRIC_KEYS <= metrics.keys(), key
+        assert METRIC_KEYS | TRUST_KEYS <= metrics.keys(), key
         assert metrics["n_test"] == 30 and 0.0 <= metrics["accuracy"] <= 1.0 and metrics["params"] > 0
+        assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"], key
+        crossval = json.loads((project / f"metrics/crossval/{key}.json").read_text())
+        assert set(crossval) == {"cv_accuracy_mean", "cv_accuracy_std"} and 0 <= crossval["cv_accuracy_mean"] <= 1
+        out_of_fold = pd.read_csv(project / f"reports/crossval/{key}/out_of_fold.csv")
+        assert len(out_of_fold) == 60 and set(out_of_fold["split"]) == {"train", "val"}
+        assert np.allclose(out_of_fold[["probability_cats", "probability_dogs"]].sum(axis=1), 1.0, atol=1e-5)
         assert json.loads((project / f"metrics/train/{key}/metrics.json").read_text())["step"] >= 0
         assert len(json.loads((project / f"reports/evaluation/{key}/confusion.json").read_text())) == 30
         assert json.loads((project / f"reports/evaluation/{key}/roc.json").read_text())
-        for picture in ("confusion.png", "roc.png", "errors.png"):
+        for picture in ("confusion.png", "roc.png", "errors.png", "reliability.png"):
             assert (project / f"reports/evaluation/{key}/{picture}").read_bytes()[:4] == b"\x89PNG"
         assert (project / f"reports/training/{key}.png").read_bytes()[:4] == b"\x89PNG"
     table = pd.read_csv(project / "reports/comparison.csv")
@@ -86,6 +102,10 @@ def test_every_stage_writes_its_outputs(project: Path) -> None:
     assert "| backbone" in (project / "reports/comparison.md").read_text()
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert summary["best"] == table["backbone"][0] and set(summary["backbones"]) == {*keys, "model"}
+    assert table["verdict"][0] == "best" and set(table["verdict"][1:]) <= {"tied with best", "worse"}
+    tied = list(table["backbone"][table["verdict"] == "tied with best"])
+    assert summary["tied_with_best"] == ", ".join(tied)
+    assert summary["recommended"] in keys and summary["recommended_reason"].startswith(summary["recommended"])
 
 
 # Parameters a stage reads only in a configuration other than this test's.
@@ -112,6 +132,7 @@ def test_each_stage_declares_exactly_the_parameters_it_reads(project: Path) -> N
         "features@inception",
         "train@inception",
         "evaluate@resnet50",
+        "crossval@inception",
         "finetune",
         "evaluate_model",
         "aggregate",
@@ -170,6 +191,7 @@ def test_changing_one_backbone_reruns_only_its_stages(project: Path) -> None:
         "features@resnet50",
         "train@resnet50",
         "evaluate@resnet50",
+        "crossval@resnet50",
         "aggregate",
     }
     dvc(project, "repro")  # back to the committed parameters (restored from DVC's run cache)
@@ -197,7 +219,16 @@ def test_the_shipped_model_is_scored_and_ranked(project: Path) -> None:
     labels = json.loads((project / "models/labels.json").read_text())
     assert labels["classes"] == ["cats", "dogs"] and labels["backbone"] == "inception"
     model_metrics = json.loads((project / "metrics/model.json").read_text())
-    assert METRIC_KEYS | {"backbone"} <= model_metrics.keys() and model_metrics["backbone"] == "inception"
+    assert METRIC_KEYS | TRUST_KEYS | {"backbone"} <= model_metrics.keys() and model_metrics["backbone"] == "inception"
+    # The temperature predict applies is the one finetune fitted on val and shipped in labels.json.
+    assert model_metrics["temperature"] == labels["temperature"] > 0
+    # Fine-tuned against frozen, on the same images: the paired test's numbers agree with both metrics files.
+    assert model_metrics["frozen_accuracy"] == json.loads((project / "metrics/inception.json").read_text())["accuracy"]
+    assert model_metrics["frozen_difference"] == pytest.approx(
+        model_metrics["accuracy"] - model_metrics["frozen_accuracy"]
+    )
+    assert model_metrics["fine_tuning"] in {"helped", "hurt", "tied"}
+    assert (model_metrics["frozen_p_value"] >= 0.05) == (model_metrics["fine_tuning"] == "tied")
     frozen = json.loads((project / "metrics/inception.json").read_text())
     assert model_metrics["n_test"] == 30
     # Same base (seeded even when random), same head: fine-tuning starts from the frozen row and keeps

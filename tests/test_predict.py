@@ -199,3 +199,32 @@ def test_evaluate_model_shows_progress(
     assert [p.path for p in predictions] == list(map(str, images)) and all(p.error is None for p in predictions)
     lines = capsys.readouterr().err.splitlines()
     assert lines and all(line.startswith("evaluate_model: ") for line in lines) and "3/3" in lines[-1], lines
+
+
+def test_predict_applies_the_temperature_shipped_beside_the_model(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """labels.json `temperature` (fitted on val by finetune) scales what predict prints; --uncalibrated and
+    a model shipped without one print the model's own probabilities."""
+    from tlpipe.statistics import apply_temperature
+
+    shipped = copy_model(model_path, tmp_path / "calibrated")
+    (shipped.parent / "labels.json").write_text(json.dumps({"classes": CLASSES, "temperature": 0.25}))
+    image = write_image(tmp_path / "a.png")
+
+    def printed(*options: str, model: Path = shipped) -> list[float]:
+        assert predict.main([str(image), "--model", str(model), "--format", "json", *options]) == 0
+        return json.loads(capsys.readouterr().out)[0]["probabilities"]
+
+    raw = printed("--uncalibrated")
+    assert raw == pytest.approx(printed(model=model_path), abs=1e-7)  # no temperature in its labels.json
+    calibrated = printed()
+    assert calibrated == pytest.approx(list(apply_temperature(np.array([raw]), 0.25)[0]), abs=1e-6)
+    assert max(calibrated) > max(raw) and int(np.argmax(calibrated)) == int(np.argmax(raw))
+
+
+def test_a_bad_temperature_is_one_line(model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    shipped = copy_model(model_path, tmp_path / "bad")
+    (shipped.parent / "labels.json").write_text(json.dumps({"classes": CLASSES, "temperature": -1}))
+    assert predict.main([str(write_image(tmp_path / "a.png")), "--model", str(shipped)]) == 2
+    assert "labels.json: temperature must be a number above 0, got -1" in capsys.readouterr().err

@@ -96,6 +96,14 @@ def test_shared_weights_reach_the_target_accuracy(real_runs: dict[str, Path], ke
     assert metrics["accuracy"] >= MIN_ACCURACY[key], metrics
 
 
+def test_temperature_scaling_does_not_worsen_calibration_on_the_real_test_split(real_runs: dict[str, Path]) -> None:
+    """Fitted on the validation split, applied to the 1,000 test images it never saw."""
+    metrics = json.loads((real_runs["mobilenet"] / "metrics" / "mobilenet.json").read_text())
+    assert metrics["ece_calibrated"] <= metrics["ece"], metrics
+    assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"]
+    assert metrics["accuracy_ci_high"] - metrics["accuracy_ci_low"] < 0.02  # 1,000 images at 0.99: narrow
+
+
 def test_prepare_keeps_every_real_image(real_runs: dict[str, Path]) -> None:
     report = json.loads((real_runs["mobilenet"] / "data/prepared/report.json").read_text())
     assert report["skipped"] == [] and report["classes"] == ["cats", "dogs"]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tlpipe import comparison
@@ -54,9 +55,15 @@ def test_head_learns_and_survives_a_save_load_round_trip(tmp_path: Path, n_class
     np.testing.assert_allclose(reloaded.predict(x[:8], verbose=0), head.predict(x[:8], verbose=0), rtol=1e-5)
 
 
-def write_evaluation(root: Path, key: str, accuracy: float, roc_auc: float) -> None:
+N_TEST = 200
+
+
+def write_evaluation(root: Path, key: str, n_right: int, roc_auc: float, speed: float = 50.0) -> None:
+    """An evaluation folder whose first `n_right` of N_TEST images (half cats, half dogs) are right, and the
+    crossval metrics of a backbone."""
     folder = root / "reports" / "evaluation" / key
     folder.mkdir(parents=True)
+    accuracy = n_right / N_TEST
     scores = {
         "accuracy": accuracy,
         "precision": 0.9,
@@ -64,37 +71,97 @@ def write_evaluation(root: Path, key: str, accuracy: float, roc_auc: float) -> N
         "f1": 0.9,
         "roc_auc": roc_auc,
         "loss": 0.2,
-        "n_test": 100,
+        "n_test": N_TEST,
+        "accuracy_ci_low": accuracy - 0.02,
+        "accuracy_ci_high": min(1.0, accuracy + 0.02),
+        "ece": 0.03,
+        "ece_calibrated": 0.02,
         "params": 1_000_000,
-        "images_per_second": 50.0,
+        "images_per_second": speed,
     }
     (folder / "metrics.json").write_text(json.dumps(scores))
+    actual = ["cats", "dogs"] * (N_TEST // 2)
+    other = {"cats": "dogs", "dogs": "cats"}
+    predicted = [label if i < n_right else other[label] for i, label in enumerate(actual)]
+    pd.DataFrame({"path": [f"img{i}.jpg" for i in range(N_TEST)], "actual": actual, "predicted": predicted}).to_csv(
+        folder / "predictions.csv", index=False
+    )
+    if key != "model":
+        crossval = root / "metrics" / "crossval"
+        crossval.mkdir(parents=True, exist_ok=True)
+        (crossval / f"{key}.json").write_text(json.dumps({"cv_accuracy_mean": 0.95, "cv_accuracy_std": 0.01}))
 
 
-def test_aggregate_ranks_by_accuracy_and_writes_every_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    params = {
-        "model": "c",
+def study_params(model: str = "c") -> dict:
+    return {
+        "seed": 0,
+        "model": model,
+        "stats": {"confidence": 0.95, "bootstrap": 500, "alpha": 0.05},
         "backbones": {
             k: {"arch": a, "image_size": 32, "weights": None}
             for k, a in [("a", "VGG16"), ("b", "ResNet50"), ("c", "MobileNetV2")]
         },
     }
-    write_evaluation(tmp_path, "model", 0.95, 0.99)
-    write_evaluation(tmp_path, "a", 0.90, 0.95)
-    write_evaluation(tmp_path, "b", 0.97, 0.99)
-    write_evaluation(tmp_path, "c", 0.97, 0.98)
-    write_evaluation(tmp_path, "stale", 1.0, 1.0)  # a backbone no longer in params.yaml is left out
+
+
+def test_aggregate_ranks_tests_against_the_best_and_recommends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_evaluation(tmp_path, "b", 194, 0.99, speed=10.0)  # best
+    write_evaluation(tmp_path, "c", 192, 0.98, speed=50.0)  # 2 images behind: tied
+    write_evaluation(tmp_path, "model", 191, 0.99)  # 3 behind: tied
+    write_evaluation(tmp_path, "a", 160, 0.95, speed=100.0)  # fastest, but 34 behind: worse
+    write_evaluation(tmp_path, "stale", 200, 1.0)  # a backbone no longer in params.yaml is left out
+    params = study_params()
     table = comparison.comparison_table(params)
-    assert list(table["backbone"]) == ["b", "c", "model", "a"]  # ties broken by ROC AUC
-    assert table.set_index("backbone").loc["model", "arch"] == "MobileNetV2 fine-tuned"
-    summary = comparison.summary(table)
+    assert list(table["backbone"]) == ["b", "c", "model", "a"]
+    assert list(table["verdict"]) == ["best", "tied with best", "tied with best", "worse"]
+    rows = table.set_index("backbone")
+    assert rows.loc["model", "arch"] == "MobileNetV2 fine-tuned"
+    assert rows.loc["c", "p_value"] == pytest.approx(0.5) and rows.loc["model", "p_value"] == pytest.approx(0.25)
+    assert rows.loc["a", "p_value"] < 1e-9 and rows.loc["a", "difference_to_best"] == pytest.approx(-0.17)
+    assert rows.loc["a", "difference_ci_high"] < 0 == rows.loc["c", "difference_ci_high"]  # c never beats b
+    assert rows.loc["c", "cv_accuracy_mean"] == 0.95 and np.isnan(rows.loc["model", "cv_accuracy_mean"])
+
+    summary = comparison.summary(table, params)
     assert summary["best"] == "b" and summary["best_accuracy"] == 0.97
+    assert summary["tied_with_best"] == "c, model"
+    assert summary["recommended"] == "c"  # faster than b, and a is significantly worse
+    assert summary["recommended_reason"].startswith("c: the fastest feature extraction of the 2 frozen backbones")
+    assert "(50.0 images/s, 1.0 M parameters)" in summary["recommended_reason"]
     assert list(summary["backbones"]) == ["b", "c", "model", "a"]
     comparison.chart(table, tmp_path / "reports" / "comparison.png")
     assert (tmp_path / "reports" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
-    markdown = comparison.markdown(table)
+    markdown = comparison.markdown(table, params)
     assert markdown.count("\n| ") == 5 and "| b " in markdown.splitlines()[6]
+    assert "nan" not in markdown.lower() and "**Recommended: c.**" in markdown
+    assert "0.9700 [0.9500, 0.9900]" in markdown and "tied with best" in markdown
+
+
+def test_when_only_the_fine_tuned_model_is_best_it_is_recommended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_evaluation(tmp_path, "model", 198, 0.99)
+    for key, n_right in (("a", 150), ("b", 160), ("c", 170)):
+        write_evaluation(tmp_path, key, n_right, 0.9)
+    params = study_params(model="b")
+    table = comparison.comparison_table(params)
+    summary = comparison.summary(table, params)
+    assert summary["tied_with_best"] == "" and summary["recommended"] == "b"
+    assert "only its fine-tuned model reaches the best (model" in summary["recommended_reason"]
+
+
+def test_a_row_scored_on_other_images_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlpipe.errors import PipelineError
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("a", "b", "c", "model"):
+        write_evaluation(tmp_path, key, 190, 0.9)
+    predictions = tmp_path / "reports/evaluation/a/predictions.csv"
+    predictions.write_text(predictions.read_text().replace("img7.jpg", "elsewhere.jpg"))
+    # All tie, so a (first by name) is the best row every other row is paired with.
+    with pytest.raises(PipelineError, match=r"evaluation/b/predictions.csv and .*evaluation/a/predictions.csv scored"):
+        comparison.comparison_table(study_params())
 
 
 def test_aggregate_names_the_missing_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

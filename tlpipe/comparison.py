@@ -8,24 +8,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tlpipe import pictures
+from tlpipe import pictures, statistics
+from tlpipe.evaluation import aligned, correct_by_path
 from tlpipe.files import read_json
-from tlpipe.paths import SHIPPED_NAME, evaluation_dir
+from tlpipe.paths import SHIPPED_NAME, crossval_metrics, evaluation_dir
 
 COLUMNS = [
     "backbone",
     "arch",
     "image_size",
     "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "difference_to_best",
+    "difference_ci_low",
+    "difference_ci_high",
+    "p_value",
+    "verdict",
+    "cv_accuracy_mean",
+    "cv_accuracy_std",
     "precision",
     "recall",
     "f1",
     "roc_auc",
     "loss",
+    "ece",
+    "ece_calibrated",
     "n_test",
     "params",
     "images_per_second",
 ]
+BEST, TIED, WORSE = "best", "tied with best", "worse"
 # How the chart names `backbones.<b>.weights`; any other value is a weights file, named by its file name.
 WEIGHTS_NAMES = {None: "random weights", "imagenet": "ImageNet", "noisy-student": "Noisy Student"}
 # The two throughputs the chart shows, and how each is drawn: they measure different things.
@@ -36,10 +49,11 @@ SHIPPED_STYLE = {"color": "tab:green", "hatch": "//", "edgecolor": "white"}
 
 
 def comparison_table(params: dict[str, Any]) -> pd.DataFrame:
-    """Every frozen backbone's row, plus the fine-tuned shipped model's row (backbone `model`)."""
+    """Every frozen backbone's row, plus the fine-tuned shipped model's row (backbone `model`), best first,
+    each compared with the best row on the same test images (`difference_to_best`, `p_value`, `verdict`)."""
     rows = []
     for key, spec in params["backbones"].items():
-        scores = read_json(evaluation_dir(key) / "metrics.json")
+        scores = read_json(evaluation_dir(key) / "metrics.json") | read_json(crossval_metrics(key))
         rows.append({"backbone": key, "arch": spec["arch"], "image_size": spec["image_size"]} | scores)
     shipped = params["backbones"][params["model"]]
     scores = read_json(evaluation_dir(SHIPPED_NAME) / "metrics.json")
@@ -49,34 +63,134 @@ def comparison_table(params: dict[str, Any]) -> pd.DataFrame:
     )
     table = pd.DataFrame(rows)
     table = table.sort_values(["accuracy", "roc_auc", "backbone"], ascending=[False, False, True], kind="stable")
-    return table[[c for c in COLUMNS if c in table.columns]].reset_index(drop=True)
+    table = table.reset_index(drop=True)
+    table = table.join(paired_with_best(list(table["backbone"]), params["stats"], params["seed"]))
+    return table[[c for c in COLUMNS if c in table.columns]]
 
 
-def summary(table: pd.DataFrame) -> dict[str, Any]:
-    """The metric DVC shows for the whole study: the winner, and each row's headline numbers."""
+def paired_with_best(names: list[str], stats: dict[str, Any], seed: int) -> pd.DataFrame:
+    """Each row (in `names` order, best first) against the best row, on the same test images: the accuracy
+    difference with its paired bootstrap interval, McNemar's exact p and the verdict at `stats.alpha`."""
+    best_csv = evaluation_dir(names[0]) / "predictions.csv"
+    best = pd.read_csv(best_csv, keep_default_na=False)
+    paths = list(best["path"])
+    y_true = pd.Categorical(best["actual"]).codes
+    correct_best = aligned(correct_by_path(best_csv), paths, best_csv, best_csv)
+    rows = []
+    for name in names:
+        csv = evaluation_dir(name) / "predictions.csv"
+        correct = aligned(correct_by_path(csv), paths, csv, best_csv)
+        paired = statistics.paired_comparison(
+            y_true, correct_best, correct, stats["bootstrap"], stats["confidence"], seed
+        )
+        if name == names[0]:
+            verdict = BEST
+        else:
+            verdict = TIED if statistics.verdict(paired, stats["alpha"]) != "worse" else WORSE
+        rows.append(
+            {
+                "difference_to_best": paired["difference"],
+                "difference_ci_low": paired["difference_ci_low"],
+                "difference_ci_high": paired["difference_ci_high"],
+                "p_value": paired["p_value"],
+                "verdict": verdict,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def recommendation(table: pd.DataFrame, params: dict[str, Any]) -> tuple[str, str]:
+    """The cheapest backbone not significantly worse than the best (fastest extraction, then fewest
+    parameters), and why, in one line."""
     best = table.iloc[0]
+    alpha = params["stats"]["alpha"]
+    against = f"the best ({best['backbone']}, accuracy {best['accuracy']:.4f}; McNemar at alpha {alpha})"
+    candidates = table[(table["verdict"] != WORSE) & (table["backbone"] != SHIPPED_NAME)]
+    if candidates.empty:
+        key = params["model"]
+        return key, f"{key}: only its fine-tuned model reaches {against}; every frozen backbone is worse"
+    cheapest = candidates.sort_values(["images_per_second", "params"], ascending=[False, True], kind="stable")
+    row = cheapest.iloc[0]
+    which = (
+        "the only frozen backbone"
+        if len(candidates) == 1
+        else f"the fastest feature extraction of the {len(candidates)} frozen backbones"
+    )
+    return row["backbone"], (
+        f"{row['backbone']}: {which} not significantly worse than {against} "
+        f"({row['images_per_second']:.1f} images/s, {row['params'] / 1e6:.1f} M parameters)"
+    )
+
+
+def summary(table: pd.DataFrame, params: dict[str, Any]) -> dict[str, Any]:
+    """The metric DVC shows for the whole study: the winner, what is tied with it, the recommendation, and
+    each row's headline numbers."""
+    best = table.iloc[0]
+    recommended, reason = recommendation(table, params)
     return {
         "best": best["backbone"],
         "best_accuracy": float(best["accuracy"]),
+        "tied_with_best": ", ".join(table["backbone"][table["verdict"] == TIED]),
+        "recommended": recommended,
+        "recommended_reason": reason,
         "backbones": {
-            row["backbone"]: {k: row[k] for k in ("accuracy", "f1", "roc_auc", "loss")}
+            row["backbone"]: {k: None if pd.isna(row[k]) else row[k] for k in ("accuracy", "f1", "roc_auc", "loss")}
             for row in table.to_dict("records")
         },
     }
 
 
-def markdown(table: pd.DataFrame) -> str:
-    shown = table.copy()
-    for column in ("accuracy", "precision", "recall", "f1", "roc_auc", "loss"):
-        shown[column] = shown[column].map("{:.4f}".format)
-    shown["params"] = (shown["params"] / 1e6).map("{:.1f} M".format)
-    shown["images_per_second"] = shown["images_per_second"].map("{:.1f}".format)
+def shown_number(value: Any, pattern: str) -> str:
+    """A number as `pattern` writes it; `–` for a value that does not exist (NaN, None) instead of `nan`."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return pattern.format(value)
+
+
+def markdown(table: pd.DataFrame, params: dict[str, Any]) -> str:
+    shown = pd.DataFrame({"backbone": table["backbone"], "arch": table["arch"], "image_size": table["image_size"]})
+    shown["accuracy [95% CI]"] = [
+        f"{a:.4f} [{low:.4f}, {high:.4f}]"
+        for a, low, high in zip(table["accuracy"], table["accuracy_ci_low"], table["accuracy_ci_high"])
+    ]
+    shown["vs best [CI]"] = [
+        "–" if verdict == BEST else f"{d:+.4f} [{low:+.4f}, {high:+.4f}]"
+        for d, low, high, verdict in zip(
+            table["difference_to_best"], table["difference_ci_low"], table["difference_ci_high"], table["verdict"]
+        )
+    ]
+    shown["McNemar p"] = ["–" if v == BEST else f"{p:.3g}" for p, v in zip(table["p_value"], table["verdict"])]
+    shown["verdict"] = table["verdict"]
+    if "cv_accuracy_mean" in table:
+        shown["cv accuracy"] = [
+            shown_number(m, "{:.4f}") + ("" if np.isnan(s) else f" ± {s:.4f}")
+            for m, s in zip(table["cv_accuracy_mean"], table["cv_accuracy_std"])
+        ]
+    for column in ("f1", "roc_auc", "loss", "ece", "ece_calibrated"):
+        shown[column] = [shown_number(v, "{:.4f}") for v in table[column]]
+    shown["params"] = (table["params"] / 1e6).map("{:.1f} M".format)
+    shown["images_per_second"] = table["images_per_second"].map("{:.1f}".format)
+    recommended, reason = recommendation(table, params)
+    stats = params["stats"]
+    few = table["n_test"].min() < statistics.FEW_TEST_IMAGES
     return (
         "# Backbone comparison\n\nTest split, ranked by accuracy. `model` is the shipped, fine-tuned model. "
-        "`images_per_second` is the frozen base's feature extraction throughput on this machine "
-        "(for `model`: end to end from image files, one at a time).\n\n"
+        f"Intervals are {stats['confidence']:.0%} stratified bootstrap intervals ({stats['bootstrap']} resamples). "
+        "Every row is compared with the best one on the same test images: `vs best` is the accuracy difference "
+        f"with its paired bootstrap interval, and a row whose McNemar p is at least {stats['alpha']} is "
+        "`tied with best`, its difference too small to tell from chance. `cv accuracy` is repeated stratified "
+        "k-fold of the head on train+val (mean ± std). `ece` is the expected calibration error as trained, "
+        "`ece_calibrated` after temperature scaling fitted on val. `images_per_second` is the frozen base's "
+        "feature extraction throughput on this machine (for `model`: end to end from image files, one at a "
+        "time).\n\n"
         + shown.to_markdown(index=False, disable_numparse=True)
-        + "\n"
+        + f"\n\n**Recommended: {recommended}.** {reason}.\n"
+        + (
+            f"\nOnly {int(table['n_test'].min())} test images: the intervals are wide, and differences "
+            "between rows are rarely significant.\n"
+            if few
+            else ""
+        )
     )
 
 
@@ -122,16 +236,17 @@ def chart_figure(table: pd.DataFrame, params: dict[str, Any] | None) -> Any:
     fig, (acc_ax, speed_ax) = pictures.pyplot().subplots(
         1, 2, figsize=(13, 0.5 * len(rows) + 2.6), sharey=True, layout="constrained"
     )
+    errors = np.array([rows["accuracy"] - rows["accuracy_ci_low"], rows["accuracy_ci_high"] - rows["accuracy"]])
     for part, style, speed in ((~shipped, FROZEN_STYLE, FROZEN_SPEED), (shipped, SHIPPED_STYLE, SHIPPED_SPEED)):
         if part.any():
-            acc_ax.barh(y[part], rows["accuracy"][part], **style)
+            acc_ax.barh(y[part], rows["accuracy"][part], xerr=errors[:, part], capsize=3, **style)
             speed_ax.barh(y[part], rows["images_per_second"][part], label=speed, **style)
     acc_ax.set_yticks(y, row_labels(rows, params))
-    low = max(0.0, float(rows["accuracy"].min()) - 0.05)
-    acc_ax.set_xlim(low, 1.0 + 0.1 * (1.0 - low))  # room for the value printed after a bar at 1.0
-    acc_ax.set_xlabel("test accuracy")
-    for row, value in zip(y, rows["accuracy"]):
-        acc_ax.text(value, row, f" {value:.3f}", va="center", fontsize=9)
+    low = max(0.0, float(rows["accuracy_ci_low"].min()) - 0.05)
+    acc_ax.set_xlim(low, 1.0 + 0.45 * (1.0 - low))  # room for the value and verdict printed after a bar at 1.0
+    acc_ax.set_xlabel("test accuracy (bars: 95% interval; verdict against the best row)")
+    for row, value, high, verdict in zip(y, rows["accuracy"], rows["accuracy_ci_high"], rows["verdict"]):
+        acc_ax.text(high, row, f" {value:.3f} {verdict}", va="center", fontsize=8)
     speed_ax.set_xlabel("images/s (what is timed: see legend)")
     speed_ax.set_xlim(0, float(rows["images_per_second"].max()) * 1.15)
     for row, value in zip(y, rows["images_per_second"]):

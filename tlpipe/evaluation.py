@@ -6,21 +6,73 @@ model, end to end from files). Both go through here, so the two are scored and d
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import log_loss
 
-from tlpipe import pictures
+from tlpipe import pictures, statistics
+from tlpipe.errors import PipelineError
 from tlpipe.files import atomic_path, write_json
-from tlpipe.paths import SHIPPED_NAME, evaluation_dir, metrics_file
-from tlpipe.scoring import classification_scores, confusion_matrix, confusion_records, roc_records
+from tlpipe.paths import MANIFEST, SHIPPED_NAME, evaluation_dir, metrics_file
+from tlpipe.scoring import (
+    classification_scores,
+    clipped_rows,
+    confusion_matrix,
+    confusion_records,
+    normalised_rows,
+    roc_records,
+)
 
 
 def title(name: str, extra: dict[str, Any]) -> str:
     if name == SHIPPED_NAME:
         return f"shipped model ({extra.get('backbone')} fine-tuned)"
     return f"{name} (frozen base, trained head)"
+
+
+def headline(scores: dict[str, Any]) -> str:
+    """One line for the log: accuracy with its interval, ROC AUC, ECE before and after scaling."""
+    auc = "undefined" if scores["roc_auc"] is None else f"{scores['roc_auc']:.4f}"
+    return (
+        f"test accuracy {scores['accuracy']:.4f} [{scores['accuracy_ci_low']:.4f}, {scores['accuracy_ci_high']:.4f}], "
+        f"roc_auc {auc}, ECE {scores['ece']:.4f} -> {scores['ece_calibrated']:.4f} at temperature "
+        f"{scores['temperature']:.3f}"
+    )
+
+
+def calibration_scores(y_true: np.ndarray, probabilities: np.ndarray, temperature: float) -> dict[str, float]:
+    """ECE and Brier score as the model is (`ece`, `brier`), and after temperature scaling (`*_calibrated`)."""
+    calibrated = statistics.apply_temperature(probabilities, temperature)
+    labels = list(range(probabilities.shape[1]))
+    return {
+        "ece": statistics.expected_calibration_error(y_true, probabilities),
+        "brier": statistics.brier_score(y_true, probabilities),
+        "temperature": temperature,
+        "ece_calibrated": statistics.expected_calibration_error(y_true, calibrated),
+        "brier_calibrated": statistics.brier_score(y_true, calibrated),
+        "loss_calibrated": round(float(log_loss(y_true, clipped_rows(calibrated), labels=labels)), 6),
+    }
+
+
+def warnings_for(name: str, y_true: np.ndarray, classes: list[str]) -> list[str]:
+    """What a reader of this evaluation's numbers must know: too few images, or one class only."""
+    found = []
+    if len(y_true) < statistics.FEW_TEST_IMAGES:
+        found.append(
+            f"{name}: only {len(y_true)} test images (fewer than {statistics.FEW_TEST_IMAGES}): "
+            "its confidence intervals are wide, and differences between rows rarely significant"
+        )
+    if len(np.unique(y_true)) < 2:
+        found.append(f"{name}: {single_class_note(y_true, classes)}")
+    return found
+
+
+def single_class_note(y_true: np.ndarray, classes: list[str]) -> str:
+    return f"ROC AUC undefined: every test image is {classes[int(y_true[0])]!r}; add images of another class"
 
 
 def write_evaluation(
@@ -30,20 +82,36 @@ def write_evaluation(
     probabilities: np.ndarray,
     classes: list[str],
     extra: dict[str, Any],
+    stats: dict[str, Any],
+    seed: int,
+    temperature: float,
 ) -> dict[str, Any]:
-    """Write the metrics file and the evaluation folder of `name`; returns the scores."""
+    """Write the metrics file and the evaluation folder of `name`; returns the scores.
+
+    `stats` is params.yaml `stats:` (interval confidence and bootstrap resamples); `temperature` was fitted
+    on the validation split: the existing keys stay uncalibrated, the calibrated figures have their own.
+    """
+    probabilities = normalised_rows(probabilities)
     y_pred = probabilities.argmax(axis=1)
-    scores = classification_scores(y_true, probabilities) | extra
+    scores = classification_scores(y_true, probabilities)
+    if scores["roc_auc"] is None:
+        scores["roc_auc_note"] = single_class_note(y_true, classes)
+    scores |= statistics.bootstrap_intervals(y_true, probabilities, stats["bootstrap"], stats["confidence"], seed)
+    scores |= calibration_scores(y_true, probabilities, temperature) | extra
+    for warning in warnings_for(name, y_true, classes):
+        print(f"warning: {warning}", file=sys.stderr)
     out_dir = evaluation_dir(name)
     roc = roc_records(y_true, probabilities, classes)
     write_json(out_dir / "confusion.json", confusion_records(y_true, y_pred, classes))
     write_json(out_dir / "roc.json", roc)
+    calibrated = statistics.apply_temperature(probabilities, temperature)
     predictions = pd.DataFrame(
         {
             "path": paths,
             "actual": [classes[i] for i in y_true],
             "predicted": [classes[i] for i in y_pred],
             "probability": probabilities.max(axis=1).round(6),
+            "probability_calibrated": calibrated.max(axis=1).round(6),
         }
     )
     with atomic_path(out_dir / "predictions.csv") as tmp:
@@ -55,6 +123,71 @@ def write_evaluation(
     pictures.roc_curves(roc, heading, out_dir / "roc.png")
     errors = predictions[predictions["actual"] != predictions["predicted"]].sort_values("probability", ascending=False)
     pictures.misclassified_grid(errors.to_dict("records"), heading, out_dir / "errors.png")
+    pictures.reliability_diagram(
+        statistics.reliability_bins(y_true, probabilities),
+        statistics.reliability_bins(y_true, calibrated),
+        (scores["ece"], scores["ece_calibrated"]),
+        heading,
+        out_dir / "reliability.png",
+    )
     write_json(out_dir / "metrics.json", scores)
     write_json(metrics_file(name), scores)
     return scores
+
+
+def correct_by_path(predictions_csv: Path) -> pd.Series:
+    """Right (True) or wrong per test image, indexed by path, from an evaluation's predictions.csv."""
+    table = pd.read_csv(predictions_csv, keep_default_na=False)
+    return pd.Series((table["actual"] == table["predicted"]).to_numpy(), index=table["path"])
+
+
+def aligned(correct: pd.Series, paths: list[str], source: Path, reference: Path) -> np.ndarray:
+    """`correct` (read from `source`) in the order of `paths` (read from `reference`); refuses a pairing over
+    different test images."""
+    missing = [p for p in paths if p not in correct.index]
+    if missing or len(correct) != len(paths):
+        raise PipelineError(
+            f"{source} and {reference} scored different test images ({len(correct)} and {len(paths)}, "
+            f"{len(missing)} not in both); rerun dvc repro so that every evaluation uses the same test split"
+        )
+    return correct.loc[paths].to_numpy(dtype=bool)
+
+
+def paired_against(
+    frozen_csv: Path,
+    paths: list[str],
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    stats: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """The shipped model against the frozen row of its backbone, on the same images: `frozen_*` keys and a
+    `fine_tuning` verdict (helped, hurt, or tied: cannot be told apart)."""
+    frozen = aligned(correct_by_path(frozen_csv), paths, frozen_csv, MANIFEST)
+    shipped = probabilities.argmax(axis=1) == y_true
+    comparison = statistics.paired_comparison(y_true, frozen, shipped, stats["bootstrap"], stats["confidence"], seed)
+    verdict = statistics.verdict(comparison, stats["alpha"])
+    return {
+        "frozen_accuracy": round(float(frozen.mean()), 6),
+        "frozen_difference": comparison["difference"],
+        "frozen_difference_ci_low": comparison["difference_ci_low"],
+        "frozen_difference_ci_high": comparison["difference_ci_high"],
+        "frozen_p_value": comparison["p_value"],
+        "only_frozen_right": comparison["only_reference_right"],
+        "only_model_right": comparison["only_other_right"],
+        "fine_tuning": {"better": "helped", "worse": "hurt", "tied": "tied"}[verdict],
+    }
+
+
+def fine_tuning_line(frozen: dict[str, Any], alpha: float) -> str:
+    what = {
+        "helped": "fine-tuning helped",
+        "hurt": "fine-tuning hurt",
+        "tied": "cannot be told apart from the frozen head",
+    }[frozen["fine_tuning"]]
+    return (
+        f"{what} (accuracy {frozen['frozen_difference']:+.4f} "
+        f"[{frozen['frozen_difference_ci_low']:+.4f}, {frozen['frozen_difference_ci_high']:+.4f}], "
+        f"McNemar p = {frozen['frozen_p_value']:.3g} at alpha {alpha}; {frozen['only_frozen_right']} images only "
+        f"the frozen head got right, {frozen['only_model_right']} only the fine-tuned model)"
+    )

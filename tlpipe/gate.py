@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,13 @@ def metrics_diff(baseline: str) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def tolerance(metric: str, rules: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The rule for a metric, by its last name part (`backbones.vgg16.accuracy` -> `accuracy`)."""
-    return rules.get(metric.rsplit(".", 1)[-1], rules["default"])
+    """The rule for a metric, by its last name part (`backbones.vgg16.accuracy` -> `accuracy`): the rule of
+    that exact name, else the first pattern (`*_ci_*`) that matches it, else `default`."""
+    name = metric.rsplit(".", 1)[-1]
+    if name in rules:
+        return rules[name]
+    patterns = [rule for pattern, rule in rules.items() if any(c in pattern for c in "*?[") and fnmatch(name, pattern)]
+    return patterns[0] if patterns else rules["default"]
 
 
 def describe(rule: dict[str, Any]) -> str:
@@ -63,11 +69,23 @@ def describe(rule: dict[str, Any]) -> str:
     parts = [
         f"drop ≤ {rule['max_drop']}" if "max_drop" in rule else "",
         f"rise ≤ {rule['max_rise']}" if "max_rise" in rule else "",
+        "or inside the baseline's interval" if rule.get("noise") == "interval" else "",
     ]
     return ", ".join(p for p in parts if p) or "any change"
 
 
-def judge(metric: str, backbone: str, old: Any, new: Any, rule: dict[str, Any]) -> Row:
+def inside_baseline_interval(new: float, interval: tuple[Any, Any] | None) -> bool:
+    """Whether a new value stays within the baseline's own confidence interval."""
+    if interval is None or any(not isinstance(v, (int, float)) for v in interval):
+        return False  # no interval to judge by: the absolute tolerance alone decides
+    low, high = interval
+    return low - 1e-12 <= new <= high + 1e-12
+
+
+def judge(
+    metric: str, backbone: str, old: Any, new: Any, rule: dict[str, Any], interval: tuple[Any, Any] | None = None
+) -> Row:
+    """`interval`: the baseline's (low, high) confidence interval of this metric, for `noise: interval`."""
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (old, new))
     change = round(new - old, 6) if numeric else None
     if old is None and new is not None:
@@ -83,19 +101,35 @@ def judge(metric: str, backbone: str, old: Any, new: Any, rule: dict[str, Any]) 
     else:
         dropped = "max_drop" in rule and -change > rule["max_drop"] + 1e-12
         rose = "max_rise" in rule and change > rule["max_rise"] + 1e-12
-        verdict = REGRESSED if dropped or rose else OK
+        noise = rule.get("noise") == "interval" and inside_baseline_interval(new, interval)
+        verdict = REGRESSED if (dropped or rose) and not noise else OK
     allowed = "–" if isinstance(old, str) or isinstance(new, str) else describe(rule)
     return Row(metric, backbone, old, new, change, allowed, verdict)
 
 
 def judge_all(diff: dict[str, dict[str, dict[str, Any]]], rules: dict[str, dict[str, Any]]) -> list[Row]:
     rows = [
-        judge(metric, Path(file).stem, values.get("old"), values.get("new"), tolerance(metric, rules))
+        judge(
+            metric,
+            Path(file).stem,
+            values.get("old"),
+            values.get("new"),
+            tolerance(metric, rules),
+            baseline_interval(metrics, metric),
+        )
         for file, metrics in sorted(diff.items())
         for metric, values in sorted(metrics.items())
     ]
     order = {REGRESSED: 0, MISSING: 0, NEW: 1, CHANGED: 1}
     return sorted(rows, key=lambda row: (order.get(row.verdict, 2), row.backbone, row.metric))
+
+
+def baseline_interval(metrics: dict[str, dict[str, Any]], metric: str) -> tuple[Any, Any] | None:
+    """The baseline's `<metric>_ci_low` and `_ci_high` from the same file, when it has them."""
+    low, high = metrics.get(f"{metric}_ci_low", {}), metrics.get(f"{metric}_ci_high", {})
+    if low.get("old") is None or high.get("old") is None:
+        return None
+    return low["old"], high["old"]
 
 
 def headline(rows: list[Row]) -> str:

@@ -23,7 +23,13 @@ PARAMS_FILE = Path("params.yaml")
 # compares that with the stage's `params:` in dvc.yaml).
 TRACE_VARIABLE = "TL_PARAMS_TRACE"
 BACKBONE_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
-RESERVED_KEYS = {"model", "summary", "train", "plots"}  # names of files and folders beside metrics/<key>.json
+RESERVED_KEYS = {
+    "model",
+    "summary",
+    "train",
+    "plots",
+    "crossval",
+}  # names of files and folders beside metrics/<key>.json
 
 Check = Callable[[Any], "str | None"]  # returns what is wrong, or None
 
@@ -73,12 +79,15 @@ def _layers(value: Any) -> str | None:
 
 
 def _regression(value: Any) -> str | None:
-    """{metric: {max_drop: x, max_rise: y, ignore: bool}}, with a `default` rule for metrics not listed."""
+    """{metric or pattern: {max_drop: x, max_rise: y, ignore: bool, noise: interval}}, with a `default` rule
+    for metrics not listed."""
     if not isinstance(value, dict) or "default" not in value:
-        return "must map metric names to {max_drop, max_rise, ignore} and include `default`"
+        return "must map metric names to {max_drop, max_rise, ignore, noise} and include `default`"
     for metric, rule in value.items():
-        if not isinstance(rule, dict) or not rule or rule.keys() - {"max_drop", "max_rise", "ignore"}:
-            return f"{metric}: must be a mapping with max_drop, max_rise and/or ignore, got {rule!r}"
+        if not isinstance(rule, dict) or not rule or rule.keys() - {"max_drop", "max_rise", "ignore", "noise"}:
+            return f"{metric}: must be a mapping with max_drop, max_rise, ignore and/or noise, got {rule!r}"
+        if "noise" in rule and rule["noise"] not in ("interval", None):
+            return f"{metric}.noise: must be interval (or null), got {rule['noise']!r}"
         for key in ("max_drop", "max_rise"):
             if key in rule and (
                 isinstance(rule[key], bool) or not isinstance(rule[key], (int, float)) or rule[key] < 0
@@ -144,6 +153,12 @@ SCHEMA: dict[str, Any] = {
         "augment": AUGMENT,
     },
     "distribute": {"strategy": _choice("none", "mirrored"), "cpu_replicas": _int(1, 64)},
+    "stats": {
+        "confidence": _float(0.5, 1.0, include_high=False),
+        "bootstrap": _int(100, 100000),
+        "alpha": _float(0.0, 0.5, include_low=False),
+    },
+    "crossval": {"folds": _int(2, 100), "repeats": _int(1, 100)},
     "regression": _regression,
 }
 OPTIONAL_SECTIONS: set[str] = set()

@@ -32,6 +32,8 @@ SUMMARY_METRICS = METRICS_DIR / "summary.json"
 FINETUNE_LOG_DIR = METRICS_DIR / "finetune"
 EVALUATION_DIR = Path("reports/evaluation")
 TRAINING_PICTURES_DIR = Path("reports/training")
+CROSSVAL_METRICS_DIR = METRICS_DIR / "crossval"
+CROSSVAL_DIR = Path("reports/crossval")
 COMPARISON_DIR = Path("reports")
 # The name evaluate_model writes its evaluation under, beside the backbone keys.
 SHIPPED_NAME = "model"
@@ -60,3 +62,13 @@ def train_log_dir(key: str) -> Path:
 
 def training_picture(name: str) -> Path:
     return TRAINING_PICTURES_DIR / f"{name}.png"
+
+
+def crossval_metrics(key: str) -> Path:
+    """cv_accuracy_mean and cv_accuracy_std of a backbone's head (the crossval stage's DVC metric)."""
+    return CROSSVAL_METRICS_DIR / f"{key}.json"
+
+
+def out_of_fold(key: str) -> Path:
+    """Every train and validation image's out-of-fold class probabilities (for the data audit)."""
+    return CROSSVAL_DIR / key / "out_of_fold.csv"

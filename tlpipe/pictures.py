@@ -287,3 +287,34 @@ def errors_figure(errors: list[dict[str, Any]], names: dict[str, str], title: st
     if not errors:
         axes.flat[0].text(0.5, 0.5, "no test image misclassified", ha="center", va="center")
     return fig
+
+
+def reliability_diagram(
+    before: list[dict[str, float]], after: list[dict[str, float]], eces: tuple[float, float], title: str, path: Path
+) -> None:
+    """Accuracy against confidence per bin (statistics.reliability_bins), before and after temperature scaling."""
+    save_png(reliability_figure(before, after, eces, title), path)
+
+
+def reliability_figure(
+    before: list[dict[str, float]], after: list[dict[str, float]], eces: tuple[float, float], title: str
+) -> Any:
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.2), layout="tight")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
+    for points, name, ece, marker in (
+        (before, "as trained", eces[0], "o"),
+        (after, "temperature-scaled", eces[1], "s"),
+    ):
+        ax.plot(
+            [p["confidence"] for p in points],
+            [p["accuracy"] for p in points],
+            marker=marker,
+            label=f"{name} (ECE {ece:.4f})",
+        )
+    ax.set_xlabel("confidence (top class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="upper left")
+    figure_title(fig, title)
+    return fig

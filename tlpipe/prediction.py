@@ -21,6 +21,7 @@ from tlpipe.models import inference_function, load_model
 from tlpipe.paths import SHIPPED_MODEL
 from tlpipe.progress import bar
 from tlpipe.scoring import class_probabilities
+from tlpipe.statistics import apply_temperature
 
 # The parent of the `tlpipe` package: where the pipeline writes models/model.keras.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,16 @@ def read_labels(model_path: Path) -> list[str]:
     return classes
 
 
+def read_temperature(model_path: Path) -> float:
+    """The temperature fitted on the validation split (labels.json `temperature`); 1 (none) for a model
+    shipped before calibration existed."""
+    path = model_path.parent / "labels.json"
+    value = read_json(path).get("temperature", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PipelineError(f"{path}: temperature must be a number above 0, got {value!r}; rerun dvc repro")
+    return float(value)
+
+
 def check_outputs(model: Any, labels: list[str], model_path: Path) -> None:
     expected = 1 if len(labels) == 2 else len(labels)  # two classes: one sigmoid output
     outputs = model.output_shape[-1]
@@ -136,7 +147,10 @@ def read_pixels(path: Path) -> np.ndarray:
         image.close()
 
 
-def predict_files(model: Any, labels: list[str], files: Iterable[Path]) -> Iterator[Prediction]:
+def predict_files(
+    model: Any, labels: list[str], files: Iterable[Path], temperature: float = 1.0
+) -> Iterator[Prediction]:
+    """One Prediction per file, in order; probabilities temperature-scaled (statistics.apply_temperature)."""
     classify = classifier_function(model)
     for path in files:
         try:
@@ -148,7 +162,9 @@ def predict_files(model: Any, labels: list[str], files: Iterable[Path]) -> Itera
             yield Prediction(str(path), error=f"cannot read ({error.strerror or error})")
             continue
         # Unrounded: scores need rows that sum to 1, which rounding each of many small probabilities breaks.
-        probabilities = [float(p) for p in classify(pixels)]
+        raw = classify(pixels)
+        scaled = raw if temperature == 1.0 else apply_temperature(raw[np.newaxis], temperature)[0]
+        probabilities = [float(p) for p in scaled]
         best = int(np.argmax(probabilities))
         yield Prediction(str(path), labels[best], probabilities[best], probabilities)
 

@@ -45,6 +45,8 @@ def normalised_rows(probabilities: np.ndarray) -> np.ndarray:
 def classification_scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
     """accuracy, precision, recall, f1, roc_auc, loss and n_test, from unrounded probabilities.
 
+    roc_auc is None when the test split holds one class: it is undefined there.
+
     Two classes: precision/recall/F1 of the second class (e.g. `dogs`) and the plain ROC AUC.
     More classes: macro averages and one-vs-rest ROC AUC, so every class counts equally.
     """
@@ -58,22 +60,26 @@ def classification_scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict
     )
     present = np.unique(y_true)
     if len(present) < 2:
-        roc_auc = float("nan")
+        roc_auc = None
     elif n_classes == 2:
         roc_auc = skm.roc_auc_score(y_true, probabilities[:, 1])
     else:
         roc_auc = skm.roc_auc_score(y_true, probabilities, multi_class="ovr", average="macro", labels=labels)
-    clipped = np.clip(probabilities, 1e-7, 1.0)
-    clipped /= clipped.sum(axis=1, keepdims=True)
     return {
         "accuracy": round(float(skm.accuracy_score(y_true, y_pred)), 6),
         "precision": round(float(precision), 6),
         "recall": round(float(recall), 6),
         "f1": round(float(f1), 6),
-        "roc_auc": round(float(roc_auc), 6),
-        "loss": round(float(skm.log_loss(y_true, clipped, labels=labels)), 6),
+        "roc_auc": None if roc_auc is None else round(float(roc_auc), 6),
+        "loss": round(float(skm.log_loss(y_true, clipped_rows(probabilities), labels=labels)), 6),
         "n_test": int(len(y_true)),
     }
+
+
+def clipped_rows(probabilities: np.ndarray) -> np.ndarray:
+    """Away from 0 (whose log loss is infinite), and summing to 1 again."""
+    clipped = np.clip(probabilities, 1e-7, 1.0)
+    return clipped / clipped.sum(axis=1, keepdims=True)
 
 
 def confusion_records(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> list[dict[str, str]]:
