@@ -19,7 +19,7 @@ from tlpipe.models import load_model
 from tlpipe.params import load_params
 from tlpipe.paths import head_model
 from tlpipe.scoring import class_probabilities
-from tlpipe.statistics import fit_temperature
+from tlpipe.statistics import calibration
 
 
 @stage_main
@@ -43,7 +43,7 @@ def main(key: str) -> None:
         {"params": meta["params"], "images_per_second": meta["images_per_second"]},
         params["stats"],
         params["seed"],
-        fit_temperature(features["y_val"], probabilities["val"]),
+        calibration(features["y_val"], probabilities["val"], params["stats"]["calibration_alpha"]),
     )
     print(f"{key}: {headline(scores)}", file=sys.stderr)
 

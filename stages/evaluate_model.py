@@ -18,7 +18,7 @@ from tlpipe.errors import PipelineError, stage_main
 from tlpipe.evaluation import fine_tuning_line, headline, paired_against, write_evaluation
 from tlpipe.params import load_params
 from tlpipe.paths import SHIPPED_MODEL, SHIPPED_NAME, evaluation_dir
-from tlpipe.prediction import class_difference, load_classifier, predict_with_progress, read_temperature
+from tlpipe.prediction import class_difference, load_classifier, predict_with_progress, read_calibration
 
 
 @stage_main
@@ -56,7 +56,7 @@ def main() -> None:
         | frozen,
         stats,
         params["seed"],
-        read_temperature(SHIPPED_MODEL),
+        read_calibration(SHIPPED_MODEL),
     )
     print(f"model ({key} fine-tuned): {headline(scores)}", file=sys.stderr)
     print(f"model against frozen {key}: {fine_tuning_line(frozen, stats['alpha'])}", file=sys.stderr)

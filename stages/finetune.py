@@ -15,6 +15,7 @@ import time
 from tlpipe import pictures
 from tlpipe.datasets import image_dataset, read_classes, read_manifest, split_rows
 from tlpipe.errors import stage_main
+from tlpipe.evaluation import temperature_reason
 from tlpipe.files import atomic_dir, write_json
 from tlpipe.finetuning import fine_tune, ship_model, unfreeze_top
 from tlpipe.models import load_model, save_model
@@ -23,7 +24,7 @@ from tlpipe.paths import FINETUNE_LOG_DIR, FINETUNED_LABELS, FINETUNED_MODEL, SH
 from tlpipe.progress import dvclive_callback, fit_progress
 from tlpipe.runtime import configure_devices, seed_everything, strategy_for
 from tlpipe.scoring import class_probabilities
-from tlpipe.statistics import fit_temperature
+from tlpipe.statistics import calibration
 
 
 @stage_main
@@ -67,14 +68,16 @@ def main() -> None:
         # Calibration for predict and evaluate_model: the temperature that best fits the validation images.
         started = time.perf_counter()
         val_probabilities = class_probabilities(model.predict(val_data, verbose=0))
-        temperature = fit_temperature(val_rows["label_index"].to_numpy(), val_probabilities)
+        y_val = val_rows["label_index"].to_numpy()
+        scaling = calibration(y_val, val_probabilities, params["stats"]["calibration_alpha"])
         seconds = time.perf_counter() - started
         print(
-            f"{key}: temperature {temperature:.3f} (fitted on {len(val_rows)} validation images in {seconds:.1f} s)",
+            f"{key}: temperature {scaling['temperature']:.3f} ({temperature_reason(scaling)}; "
+            f"{len(val_rows)} validation images, {seconds:.1f} s)",
             file=sys.stderr,
         )
         labels = {"backbone": key, "arch": spec["arch"], "image_size": size, "classes": classes}
-        write_json(FINETUNED_LABELS, labels | {"temperature": temperature})
+        write_json(FINETUNED_LABELS, labels | scaling)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from tlpipe.evaluation import write_evaluation
 from tlpipe.statistics import apply_temperature, expected_calibration_error
 
 STATS = {"confidence": 0.95, "bootstrap": 300, "alpha": 0.05}
+NO_SCALING = {"temperature": 1.0, "temperature_fitted": 1.0, "temperature_p_value": 1.0}
 
 
 def test_a_single_class_test_split_gets_null_auc_with_its_reason_and_a_warning(
@@ -22,7 +23,7 @@ def test_a_single_class_test_split_gets_null_auc_with_its_reason_and_a_warning(
     monkeypatch.chdir(tmp_path)
     probabilities = np.array([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4]])  # all right: no error pictures to draw
     scores = write_evaluation(
-        "toy", ["a", "b", "c"], np.zeros(3, int), probabilities, ["cats", "dogs"], {}, STATS, 0, 1.0
+        "toy", ["a", "b", "c"], np.zeros(3, int), probabilities, ["cats", "dogs"], {}, STATS, 0, NO_SCALING
     )
     text = (tmp_path / "metrics/toy.json").read_text()
     assert "NaN" not in text and json.loads(text)["roc_auc"] is None
@@ -43,7 +44,8 @@ def test_an_evaluation_writes_the_metric_and_every_report(
     paths = [f"data/prepared/images/{i}.png" for i in range(40)]
     extra = {"params": 123, "images_per_second": 4.5} | ({"backbone": "toy"} if name == "model" else {})
 
-    scores = write_evaluation(name, paths, y_true, probabilities, ["cats", "dogs"], extra, STATS, 0, 1.5)
+    calibration = {"temperature": 1.5, "temperature_fitted": 1.5, "temperature_p_value": 0.001}
+    scores = write_evaluation(name, paths, y_true, probabilities, ["cats", "dogs"], extra, STATS, 0, calibration)
 
     metric = json.loads((tmp_path / f"metrics/{name}.json").read_text())
     assert metric == scores == json.loads((tmp_path / f"reports/evaluation/{name}/metrics.json").read_text())

@@ -38,6 +38,8 @@ TRUST_KEYS = {
     "brier_calibrated",
     "loss_calibrated",
     "temperature",
+    "temperature_fitted",
+    "temperature_p_value",
 }
 TIMING_KEYS = {"images_per_second"}  # wall-clock numbers; everything else must repeat exactly
 
@@ -47,7 +49,9 @@ def dvc(project: Path, *args: str, check: bool = True, env: dict[str, str] | Non
 
 
 def metric_files(project: Path) -> dict[str, dict]:
-    return {p.name: json.loads(p.read_text()) for p in sorted((project / "metrics").glob("*.json"))}
+    """Every metrics file DVC shows, the cross-validation ones included."""
+    files = sorted((project / "metrics").glob("*.json")) + sorted((project / "metrics").glob("crossval/*.json"))
+    return {str(p.relative_to(project)): json.loads(p.read_text()) for p in files}
 
 
 def without_timing(metrics: dict[str, dict]) -> dict[str, dict]:
@@ -205,11 +209,12 @@ def training_logs(project: Path) -> dict[str, dict]:
 
 def test_same_inputs_give_the_same_metrics(project: Path, tmp_path: Path) -> None:
     """Every kind of stage that computes a number, rerun by force (in a copy, so that the new model's file
-    date leaves this project's lock alone), gives the same numbers: the frozen path end to end, and
+    date leaves this project's lock alone), gives the same numbers: the frozen path end to end with its
+    intervals and cross-validation, and
     fine-tuning to its full-precision losses (evaluate_model scores its model as evaluate does a head)."""
     copy = tmp_path / "copy"
     shutil.copytree(project, copy, symlinks=True)
-    stages = ("features@resnet50", "train@resnet50", "evaluate@resnet50", "finetune")
+    stages = ("features@resnet50", "train@resnet50", "evaluate@resnet50", "crossval@resnet50", "finetune")
     dvc(copy, "repro", "--force", "--single-item", *stages)  # one DVC start-up for all of them
     assert without_timing(metric_files(copy)) == without_timing(metric_files(project))
     assert training_logs(copy) == training_logs(project)
@@ -222,6 +227,7 @@ def test_the_shipped_model_is_scored_and_ranked(project: Path) -> None:
     assert METRIC_KEYS | TRUST_KEYS | {"backbone"} <= model_metrics.keys() and model_metrics["backbone"] == "inception"
     # The temperature predict applies is the one finetune fitted on val and shipped in labels.json.
     assert model_metrics["temperature"] == labels["temperature"] > 0
+    assert model_metrics["temperature_p_value"] == labels["temperature_p_value"]
     # Fine-tuned against frozen, on the same images: the paired test's numbers agree with both metrics files.
     assert model_metrics["frozen_accuracy"] == json.loads((project / "metrics/inception.json").read_text())["accuracy"]
     assert model_metrics["frozen_difference"] == pytest.approx(

@@ -161,3 +161,23 @@ def test_temperature_keeps_every_ranking_and_1_changes_nothing() -> None:
     assert np.array_equal(scaled.argmax(axis=1), probabilities.argmax(axis=1))
     assert np.allclose(scaled.sum(axis=1), 1.0)
     assert scaled.max() < probabilities.max()
+
+
+def test_the_temperature_is_applied_only_where_the_validation_data_support_it() -> None:
+    """A likelihood-ratio test of the fitted temperature against none: an over-confidence by a factor of 2
+    on 2,000 images is applied; a calibrated model's fitted temperature (noise) is not."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2, (2000, 2))
+    y = np.array([rng.choice(2, p=p) for p in softmax(logits)])
+    skewed = statistics.calibration(y, softmax(2 * logits), alpha=0.05)
+    assert skewed["temperature"] == skewed["temperature_fitted"] == pytest.approx(2.0, rel=0.15)
+    assert skewed["temperature_p_value"] < 1e-6
+    honest = statistics.calibration(y, softmax(logits), alpha=0.05)
+    assert honest["temperature"] == 1.0 and honest["temperature_p_value"] >= 0.05
+    assert honest["temperature_fitted"] == pytest.approx(1.0, abs=0.1)
+    # The p-value is the chi-squared tail of twice the log-likelihood gain, computed here by hand.
+    gain = statistics.negative_log_likelihood(y, softmax(logits)) - statistics.negative_log_likelihood(
+        y, statistics.apply_temperature(softmax(logits), honest["temperature_fitted"])
+    )
+    assert honest["temperature_p_value"] == pytest.approx(math.erfc(math.sqrt(2 * 2000 * gain / 2)), abs=1e-6)
+    assert statistics.calibration(y, softmax(logits), alpha=1.0)["temperature"] == honest["temperature_fitted"]

@@ -40,18 +40,28 @@ def headline(scores: dict[str, Any]) -> str:
     return (
         f"test accuracy {scores['accuracy']:.4f} [{scores['accuracy_ci_low']:.4f}, {scores['accuracy_ci_high']:.4f}], "
         f"roc_auc {auc}, ECE {scores['ece']:.4f} -> {scores['ece_calibrated']:.4f} at temperature "
-        f"{scores['temperature']:.3f}"
+        f"{scores['temperature']:.3f} ({temperature_reason(scores)})"
     )
 
 
-def calibration_scores(y_true: np.ndarray, probabilities: np.ndarray, temperature: float) -> dict[str, float]:
-    """ECE and Brier score as the model is (`ece`, `brier`), and after temperature scaling (`*_calibrated`)."""
-    calibrated = statistics.apply_temperature(probabilities, temperature)
+def temperature_reason(calibration: dict[str, float]) -> str:
+    fitted, p_value = calibration["temperature_fitted"], calibration["temperature_p_value"]
+    if calibration["temperature"] == 1.0 and fitted != 1.0:
+        return f"fitted {fitted:.3f} on val is not significantly better than none: p = {p_value:.3g}"
+    return f"fitted on val, p = {p_value:.3g} against none"
+
+
+def calibration_scores(
+    y_true: np.ndarray, probabilities: np.ndarray, calibration: dict[str, float]
+) -> dict[str, float]:
+    """ECE and Brier score as the model is (`ece`, `brier`), and after temperature scaling (`*_calibrated`)
+    with the temperature of `calibration` (statistics.calibration)."""
+    calibrated = statistics.apply_temperature(probabilities, calibration["temperature"])
     labels = list(range(probabilities.shape[1]))
     return {
         "ece": statistics.expected_calibration_error(y_true, probabilities),
         "brier": statistics.brier_score(y_true, probabilities),
-        "temperature": temperature,
+        **calibration,
         "ece_calibrated": statistics.expected_calibration_error(y_true, calibrated),
         "brier_calibrated": statistics.brier_score(y_true, calibrated),
         "loss_calibrated": round(float(log_loss(y_true, clipped_rows(calibrated), labels=labels)), 6),
@@ -84,12 +94,13 @@ def write_evaluation(
     extra: dict[str, Any],
     stats: dict[str, Any],
     seed: int,
-    temperature: float,
+    calibration: dict[str, float],
 ) -> dict[str, Any]:
     """Write the metrics file and the evaluation folder of `name`; returns the scores.
 
-    `stats` is params.yaml `stats:` (interval confidence and bootstrap resamples); `temperature` was fitted
-    on the validation split: the existing keys stay uncalibrated, the calibrated figures have their own.
+    `stats` is params.yaml `stats:` (interval confidence and bootstrap resamples); `calibration` is the
+    temperature from the validation split (statistics.calibration): the existing keys stay uncalibrated,
+    the calibrated figures have their own.
     """
     probabilities = normalised_rows(probabilities)
     y_pred = probabilities.argmax(axis=1)
@@ -97,14 +108,14 @@ def write_evaluation(
     if scores["roc_auc"] is None:
         scores["roc_auc_note"] = single_class_note(y_true, classes)
     scores |= statistics.bootstrap_intervals(y_true, probabilities, stats["bootstrap"], stats["confidence"], seed)
-    scores |= calibration_scores(y_true, probabilities, temperature) | extra
+    scores |= calibration_scores(y_true, probabilities, calibration) | extra
     for warning in warnings_for(name, y_true, classes):
         print(f"warning: {warning}", file=sys.stderr)
     out_dir = evaluation_dir(name)
     roc = roc_records(y_true, probabilities, classes)
     write_json(out_dir / "confusion.json", confusion_records(y_true, y_pred, classes))
     write_json(out_dir / "roc.json", roc)
-    calibrated = statistics.apply_temperature(probabilities, temperature)
+    calibrated = statistics.apply_temperature(probabilities, calibration["temperature"])
     predictions = pd.DataFrame(
         {
             "path": paths,

@@ -157,6 +157,7 @@ SCHEMA: dict[str, Any] = {
         "confidence": _float(0.5, 1.0, include_high=False),
         "bootstrap": _int(100, 100000),
         "alpha": _float(0.0, 0.5, include_low=False),
+        "calibration_alpha": _float(0.0, 1.0, include_low=False),
     },
     "crossval": {"folds": _int(2, 100), "repeats": _int(1, 100)},
     "regression": _regression,

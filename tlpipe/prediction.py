@@ -94,6 +94,18 @@ def read_temperature(model_path: Path) -> float:
     return float(value)
 
 
+def read_calibration(model_path: Path) -> dict[str, float]:
+    """`temperature` (applied), `temperature_fitted` and `temperature_p_value` from labels.json beside the
+    model (statistics.calibration); a model shipped before calibration existed has none: temperature 1."""
+    data = read_json(model_path.parent / "labels.json")
+    temperature = read_temperature(model_path)
+    return {
+        "temperature": temperature,
+        "temperature_fitted": float(data.get("temperature_fitted", temperature)),
+        "temperature_p_value": float(data.get("temperature_p_value", 1.0)),
+    }
+
+
 def check_outputs(model: Any, labels: list[str], model_path: Path) -> None:
     expected = 1 if len(labels) == 2 else len(labels)  # two classes: one sigmoid output
     outputs = model.output_shape[-1]

@@ -202,3 +202,22 @@ def fit_temperature(y_true: np.ndarray, probabilities: np.ndarray) -> float:
     result = minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-6})
     best = float(result.x) if nll(float(result.x)) <= nll(0.0) else 0.0
     return round(math.exp(best), 6)
+
+
+def calibration(y_true: np.ndarray, probabilities: np.ndarray, alpha: float) -> dict[str, float]:
+    """The temperature to apply, fitted on `y_true`/`probabilities` (the validation split), and whether the
+    data support it: a likelihood-ratio test of the fitted temperature against T = 1 (chi-squared, one degree
+    of freedom). Below `alpha` the fitted temperature is applied; otherwise the model's probabilities are
+    left as they are (`temperature` 1), because a temperature fitted to noise makes unseen data worse."""
+    from scipy.stats import chi2
+
+    fitted = fit_temperature(y_true, probabilities)
+    gain = negative_log_likelihood(y_true, probabilities) - negative_log_likelihood(
+        y_true, apply_temperature(probabilities, fitted)
+    )
+    p_value = float(chi2.sf(max(0.0, 2.0 * len(y_true) * gain), df=1))
+    return {
+        "temperature": fitted if p_value < alpha else 1.0,
+        "temperature_fitted": fitted,
+        "temperature_p_value": round(p_value, 6),
+    }
