@@ -116,10 +116,8 @@ def recommendation(table: pd.DataFrame, params: dict[str, Any]) -> tuple[str, st
         if len(candidates) == 1
         else f"the fastest feature extraction of the {len(candidates)} frozen backbones"
     )
-    return row["backbone"], (
-        f"{row['backbone']}: {which} not significantly worse than {against} "
-        f"({row['images_per_second']:.1f} images/s, {row['params'] / 1e6:.1f} M parameters)"
-    )
+    cost = f"{row['images_per_second']:.1f} images/s, {row['params'] / 1e6:.1f} M parameters"
+    return row["backbone"], f"{row['backbone']} ({cost}): {which} not significantly worse than {against}"
 
 
 def summary(table: pd.DataFrame, params: dict[str, Any]) -> dict[str, Any]:
