@@ -52,11 +52,10 @@ def temperature_reason(calibration: dict[str, float]) -> str:
 
 
 def calibration_scores(
-    y_true: np.ndarray, probabilities: np.ndarray, calibration: dict[str, float]
+    y_true: np.ndarray, probabilities: np.ndarray, calibrated: np.ndarray, calibration: dict[str, float]
 ) -> dict[str, float]:
-    """ECE and Brier score as the model is (`ece`, `brier`), and after temperature scaling (`*_calibrated`)
-    with the temperature of `calibration` (statistics.calibration)."""
-    calibrated = statistics.apply_temperature(probabilities, calibration["temperature"])
+    """ECE and Brier score as the model is (`ece`, `brier`), and after temperature scaling (`*_calibrated`,
+    from `calibrated`: `probabilities` at the temperature of `calibration`, statistics.calibration)."""
     labels = list(range(probabilities.shape[1]))
     return {
         "ece": statistics.expected_calibration_error(y_true, probabilities),
@@ -108,14 +107,14 @@ def write_evaluation(
     if scores["roc_auc"] is None:
         scores["roc_auc_note"] = single_class_note(y_true, classes)
     scores |= statistics.bootstrap_intervals(y_true, probabilities, stats["bootstrap"], stats["confidence"], seed)
-    scores |= calibration_scores(y_true, probabilities, calibration) | extra
+    calibrated = statistics.apply_temperature(probabilities, calibration["temperature"])
+    scores |= calibration_scores(y_true, probabilities, calibrated, calibration) | extra
     for warning in warnings_for(name, y_true, classes):
         print(f"warning: {warning}", file=sys.stderr)
     out_dir = evaluation_dir(name)
     roc = roc_records(y_true, probabilities, classes)
     write_json(out_dir / "confusion.json", confusion_records(y_true, y_pred, classes))
     write_json(out_dir / "roc.json", roc)
-    calibrated = statistics.apply_temperature(probabilities, calibration["temperature"])
     predictions = pd.DataFrame(
         {
             "path": paths,

@@ -85,22 +85,20 @@ def read_labels(model_path: Path) -> list[str]:
 
 
 def read_temperature(model_path: Path) -> float:
-    """The temperature fitted on the validation split (labels.json `temperature`); 1 (none) for a model
-    shipped before calibration existed."""
-    path = model_path.parent / "labels.json"
-    value = read_json(path).get("temperature", 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise PipelineError(f"{path}: temperature must be a number above 0, got {value!r}; rerun dvc repro")
-    return float(value)
+    """The temperature predict applies (read_calibration)."""
+    return read_calibration(model_path)["temperature"]
 
 
 def read_calibration(model_path: Path) -> dict[str, float]:
     """`temperature` (applied), `temperature_fitted` and `temperature_p_value` from labels.json beside the
     model (statistics.calibration); a model shipped before calibration existed has none: temperature 1."""
-    data = read_json(model_path.parent / "labels.json")
-    temperature = read_temperature(model_path)
+    path = model_path.parent / "labels.json"
+    data = read_json(path)
+    temperature = data.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise PipelineError(f"{path}: temperature must be a number above 0, got {temperature!r}; rerun dvc repro")
     return {
-        "temperature": temperature,
+        "temperature": float(temperature),
         "temperature_fitted": float(data.get("temperature_fitted", temperature)),
         "temperature_p_value": float(data.get("temperature_p_value", 1.0)),
     }

@@ -131,15 +131,9 @@ def verdict(comparison: dict[str, Any], alpha: float) -> str:
 
 def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> float:
     """Top-label ECE: over `bins` equal-width confidence bins, the image-weighted |accuracy - confidence|."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == y_true
-    # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 joins the first bin.
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            total += members.sum() * abs(correct[members].mean() - confidence[members].mean())
+    total = sum(
+        b["count"] * abs(b["accuracy"] - b["confidence"]) for b in reliability_bins(y_true, probabilities, bins)
+    )
     return round(float(total / len(y_true)), 6)
 
 
@@ -147,6 +141,7 @@ def reliability_bins(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 
     """Per non-empty bin: its mean confidence, accuracy and image count (the reliability diagram's points)."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == y_true
+    # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 joins the first bin.
     which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
     return [
         {
