@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 def build_head(train_features: np.ndarray, n_classes: int, dropout: float, hidden_units: int) -> keras.Model:
-    """Normalization -> Dropout -> [Dense(relu) -> Dropout] -> Dense(sigmoid for 2 classes, softmax for more).
+    """Normalization -> head_layers.
 
     The normalization is adapted to the training features, so one learning rate suits every backbone
     (VGG16's pooled activations are two orders of magnitude larger than MobileNetV2's).
@@ -31,16 +31,21 @@ def build_head(train_features: np.ndarray, n_classes: int, dropout: float, hidde
     normalization = keras.layers.Normalization(name="feature_normalization")
     normalization.adapt(train_features)
     inputs = keras.Input((train_features.shape[1],), name="features")
-    x = normalization(inputs)
+    return keras.Model(inputs, head_layers(normalization(inputs), n_classes, dropout, hidden_units), name="head")
+
+
+def head_layers(x: Any, n_classes: int, dropout: float, hidden_units: int) -> Any:
+    """The head after its normalization: Dropout -> [Dense(relu) -> Dropout] -> Dense (sigmoid for 2 classes,
+    softmax for more), applied to the Keras tensor `x`."""
+    import keras
+
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     if hidden_units:
         x = keras.layers.Dense(hidden_units, activation="relu", name="head_hidden")(x)
         x = keras.layers.Dropout(dropout, name="head_hidden_dropout")(x)
     if n_classes == 2:
-        outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
-    else:
-        outputs = keras.layers.Dense(n_classes, activation="softmax", name="head_output")(x)
-    return keras.Model(inputs, outputs, name="head")
+        return keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
+    return keras.layers.Dense(n_classes, activation="softmax", name="head_output")(x)
 
 
 def class_weights(labels: np.ndarray, n_classes: int, mode: str | None) -> dict[int, float] | None:
