@@ -40,7 +40,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from tests.helpers import make_project  # noqa: E402
 from tlpipe.backbones import PRECISIONS, build_extractor  # noqa: E402
 from tlpipe.datasets import image_dataset  # noqa: E402
-from tlpipe.extraction import base_forward, extract, traced  # noqa: E402
+from tlpipe.extraction import extract, traced  # noqa: E402
+from tlpipe.models import inference_function  # noqa: E402
 
 SHARED_WEIGHTS = {
     "VGG16": "vgg16_imagenet_notop.weights.h5",
@@ -167,7 +168,8 @@ def extraction_against_ceiling(
     size = spec["image_size"]
     extractor, _ = build_extractor(spec["arch"], size, spec["weights"], 0, precision)
     keras_model = traced(lambda images: extractor(images, training=False), size)
-    forward = base_forward(extractor, size)
+    # Steady-state rates, weights as constants: what the stage runs over models.FREEZE_FROM_IMAGES images or more.
+    forward = inference_function(lambda images: extractor(images, training=False), (None, size, size, 3))
     in_memory = tf.random.uniform((batch_size, size, size, 3), 0, 255)
 
     def in_memory_run(function: Callable[[Any], Any]) -> Callable[[], None]:
@@ -287,7 +289,7 @@ def readme_table(report: dict[str, Any]) -> str:
             *throughput,
             "",
             "Extraction is the features stage's own code: decode the files, then the base with its weights as "
-            "constants (`tlpipe.extraction.base_forward`). The raw ceiling is the faster of the two in-memory "
+            "constants (`tlpipe.extraction.base_forward`, from `models.FREEZE_FROM_IMAGES` images on). The raw ceiling is the faster of the two in-memory "
             "forward passes over one batch: the bare Keras model in tf.function, and the same constant-weight "
             "function. Decoding is CPU work on the same cores: the ceiling with decoding is the in-memory pass "
             "and decoding alone (images/s in its column) back to back, each with every core, what the two cost "

@@ -34,8 +34,8 @@ def main(key: str) -> None:
     manifest = read_manifest()
     extractor, n_params = load_extractor(key, spec, seed, precision)
     size, batch_size, views = spec["image_size"], settings["batch_size"], settings["views"]
-    forward = base_forward(extractor, size)
     rows = {split: split_rows(manifest, split) for split in SPLITS}
+    forward = base_forward(extractor, size, n_images=sum(map(len, rows.values())) + views * len(rows["train"]))
 
     started = time.perf_counter()
     arrays = extract_splits(forward, rows, size, batch_size, key)

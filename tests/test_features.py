@@ -18,7 +18,8 @@ from tlpipe.models import inference_function
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_constant_weight_forward_pass_gives_the_keras_models_features(precision: str) -> None:
+@pytest.mark.parametrize("freeze", [True, False])
+def test_constant_weight_forward_pass_gives_the_keras_models_features(precision: str, freeze: bool) -> None:
     # Batch norm with trained statistics, so that folding it into the convolutions would show.
     extractor, base = build_extractor("MobileNetV2", 32, None, seed=3, precision=precision)
     rng = np.random.default_rng(0)
@@ -33,7 +34,7 @@ def test_constant_weight_forward_pass_gives_the_keras_models_features(precision:
                     rng.uniform(0.5, 2, variance.shape),
                 ]
             )
-    forward = inference_function(lambda images: extractor(images, training=False), (None, 32, 32, 3))
+    forward = inference_function(lambda images: extractor(images, training=False), (None, 32, 32, 3), freeze)
     pixels = rng.uniform(0, 255, (5, 32, 32, 3)).astype("float32")
     expected = np.asarray(extractor(pixels, training=False))
     tolerance = 1e-4 if precision == "float32" else 2e-2
@@ -43,6 +44,24 @@ def test_constant_weight_forward_pass_gives_the_keras_models_features(precision:
         features = forward(batch)
         assert features.dtype == "float32" and features.shape == (len(batch), 1280)
         np.testing.assert_allclose(features.numpy(), expected[: len(batch)], atol=tolerance * scale)
+
+
+def test_only_jobs_of_many_images_turn_the_weights_into_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conversion costs seconds per process, which a few images never pay back."""
+    from tensorflow.python.framework import convert_to_constants
+
+    from tlpipe.extraction import base_forward
+    from tlpipe.models import FREEZE_FROM_IMAGES
+
+    converted = []
+    monkeypatch.setattr(
+        convert_to_constants, "convert_variables_to_constants_v2", lambda function: converted.append(function)
+    )
+    extractor, _ = build_extractor("MobileNetV2", 32, None, seed=3, precision="float32")
+    forward = base_forward(extractor, 32, n_images=FREEZE_FROM_IMAGES - 1)
+    assert forward(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 1280) and converted == []
+    base_forward(extractor, 32, n_images=FREEZE_FROM_IMAGES)
+    assert len(converted) == 1
 
 
 def test_real_scale_features_are_stored_as_float16() -> None:

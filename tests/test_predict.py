@@ -182,7 +182,7 @@ def test_predictions_keep_the_models_precision(model_path: Path, tmp_path: Path)
     model, labels = prediction.load_classifier(model_path)
     image = write_image(tmp_path / "a.png")
     [result] = prediction.predict_files(model, labels, [image])
-    expected = prediction.classifier_function(model)(prediction.read_pixels(image))
+    expected = prediction.classifier_function(model, 1)(prediction.read_pixels(image))
     assert result.probabilities == [float(p) for p in expected]
     assert result.probability == max(result.probabilities)
 

@@ -17,7 +17,7 @@ from tlpipe import progress
 from tlpipe.backbones import build_extractor, get_backbone
 from tlpipe.datasets import image_dataset
 from tlpipe.errors import PipelineError, first_line
-from tlpipe.models import inference_function
+from tlpipe.models import inference_function, worth_freezing
 from tlpipe.params import resolve_weights
 
 
@@ -67,9 +67,12 @@ def traced(function: Callable[[Any], Any], image_size: int) -> Callable[[Any], A
     return compiled
 
 
-def base_forward(extractor: Any, image_size: int) -> Callable[[Any], Any]:
-    """The extractor's forward pass as the stage runs it: weights as constants (models.inference_function)."""
-    return inference_function(lambda images: extractor(images, training=False), (None, image_size, image_size, 3))
+def base_forward(extractor: Any, image_size: int, n_images: int) -> Callable[[Any], Any]:
+    """The extractor's forward pass as the stage runs it over `n_images`: models.inference_function, the
+    weights as constants where that pays (models.worth_freezing)."""
+    return inference_function(
+        lambda images: extractor(images, training=False), (None, image_size, image_size, 3), worth_freezing(n_images)
+    )
 
 
 def extract(forward: Callable[[Any], Any], paths: list[str], image_size: int, batch_size: int, desc: str) -> np.ndarray:

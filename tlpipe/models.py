@@ -85,8 +85,20 @@ def load_model(path: Path | str) -> keras.Model:
         raise PipelineError(f"cannot load {path}: {first_line(error).rstrip('.')}; rebuild it with dvc repro") from None
 
 
-def inference_function(forward: Callable[[Any], Any], input_shape: tuple[int | None, ...]) -> Callable[[Any], Any]:
-    """`forward` (float32 batch -> one tensor) compiled once for inference, with the weights as constants.
+# Turning the weights into constants costs a fixed graph conversion per process, more for deeper graphs;
+# only this many images or more pay it back (benchmarks/README.md measures both sides).
+FREEZE_FROM_IMAGES = 1000
+
+
+def worth_freezing(n_images: int) -> bool:
+    return n_images >= FREEZE_FROM_IMAGES
+
+
+def inference_function(
+    forward: Callable[[Any], Any], input_shape: tuple[int | None, ...], freeze: bool = True
+) -> Callable[[Any], Any]:
+    """`forward` (float32 batch -> one tensor) compiled once for inference, with the weights as constants
+    when `freeze` (see worth_freezing).
 
     Inside tf.function the model skips model.predict's per-call overhead, and a signature with free
     dimensions keeps a short last batch or a new image size from tracing the graph again. With the variables
@@ -102,6 +114,8 @@ def inference_function(forward: Callable[[Any], Any], input_shape: tuple[int | N
 
     # A model call needs no AutoGraph, which cannot even parse a lambda that shares its line with another.
     traced = tf.function(forward, input_signature=[tf.TensorSpec(input_shape, tf.float32)], autograph=False)
+    if not freeze:
+        return lambda inputs: traced(tf.convert_to_tensor(inputs, tf.float32))
     constant = convert_variables_to_constants_v2(traced.get_concrete_function())
     # The converted function keeps only the flat signature, which takes tensors, not arrays.
     return lambda inputs: constant(tf.convert_to_tensor(inputs, tf.float32))[0]

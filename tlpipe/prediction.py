@@ -17,7 +17,7 @@ import numpy as np
 from tlpipe.errors import PipelineError
 from tlpipe.files import read_json
 from tlpipe.images import ImageRejected, is_tf_ready, open_image, to_rgb
-from tlpipe.models import inference_function, load_model
+from tlpipe.models import inference_function, load_model, worth_freezing
 from tlpipe.paths import SHIPPED_MODEL
 from tlpipe.progress import bar
 from tlpipe.scoring import class_probabilities
@@ -123,11 +123,14 @@ def load_classifier(model_path: Path, remedy: str = "run dvc repro to build it")
     return model, labels
 
 
-def classifier_function(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """One image (H, W, 3) -> class probabilities, compiled once for any image size."""
+def classifier_function(model: Any, n_images: int) -> Callable[[np.ndarray], np.ndarray]:
+    """One image (H, W, 3) -> class probabilities, compiled once for any image size (and with the weights
+    as constants where `n_images` pay for it: models.worth_freezing)."""
     import tensorflow as tf
 
-    forward = inference_function(lambda image: model(image[tf.newaxis], training=False), (None, None, 3))
+    forward = inference_function(
+        lambda image: model(image[tf.newaxis], training=False), (None, None, 3), worth_freezing(n_images)
+    )
     return lambda image: class_probabilities(forward(image).numpy())[0]
 
 
@@ -161,7 +164,8 @@ def predict_files(
     model: Any, labels: list[str], files: Iterable[Path], temperature: float = 1.0
 ) -> Iterator[Prediction]:
     """One Prediction per file, in order; probabilities temperature-scaled (statistics.apply_temperature)."""
-    classify = classifier_function(model)
+    files = list(files)
+    classify = classifier_function(model, len(files))
     for path in files:
         try:
             pixels = read_pixels(path)
