@@ -87,19 +87,19 @@ def test_fold_trainer_stops_after_patience_and_keeps_the_best_epoch() -> None:
     import keras
 
     x, y = noisy_classes(200, 40, 2, seed=0)
-    settings = {**TRAIN, "batch_size": 16, "learning_rate": 0.05, "dropout": 0.2}
+    settings = {**TRAIN, "batch_size": 16, "learning_rate": 0.05, "dropout": 0.2, "patience": 5}
     trainer = FoldTrainer(x.shape[1], 2, settings)
     fit, stop = np.arange(100), np.arange(100, 200)
     labels = y.astype(np.float32)
-    val_losses = trainer.fit((x[fit], labels[fit], np.ones(100, np.float32)), (x[stop], labels[stop]), 60, 5, seed=1)
+    val_losses = trainer.fit((x[fit], labels[fit], np.ones(100, np.float32)), (x[stop], labels[stop]), seed=1)
     best = int(np.argmin(val_losses))
     assert len(val_losses) == best + 1 + 5 < 60  # overfits 40 features on 100 images: stops early
     kept = keras.losses.binary_crossentropy(labels[stop][:, None], trainer.predict(x[stop]))
     assert float(np.mean(kept)) == pytest.approx(val_losses[best], rel=1e-5)  # the best epoch's weights
     # A fold's head depends on its data and seed alone: the same fit after another gives the same head.
     first = trainer.predict(x)
-    trainer.fit((x[stop], labels[stop], np.ones(100, np.float32)), (x[fit], labels[fit]), 60, 5, seed=2)
-    trainer.fit((x[fit], labels[fit], np.ones(100, np.float32)), (x[stop], labels[stop]), 60, 5, seed=1)
+    trainer.fit((x[stop], labels[stop], np.ones(100, np.float32)), (x[fit], labels[fit]), seed=2)
+    trainer.fit((x[fit], labels[fit], np.ones(100, np.float32)), (x[stop], labels[stop]), seed=1)
     np.testing.assert_array_equal(trainer.predict(x), first)
 
 

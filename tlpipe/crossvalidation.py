@@ -80,7 +80,7 @@ class FoldTrainer:
         self.model = keras.Model(inputs, head_layers(inputs, n_classes, settings["dropout"], settings["hidden_units"]))
         self.binary = n_classes == 2
         self.loss = keras.losses.get(loss_for(n_classes))  # per-image losses
-        self.batch_size = settings["batch_size"]
+        self.batch_size, self.epochs, self.patience = settings["batch_size"], settings["epochs"], settings["patience"]
         self.optimizer = keras.optimizers.Adam(learning_rate=settings["learning_rate"])
         self.optimizer.build(self.model.trainable_variables)
         self.optimizer_start = [variable.numpy() for variable in self.optimizer.variables]
@@ -126,25 +126,20 @@ class FoldTrainer:
             variable.assign(value)
 
     def fit(
-        self,
-        fit: tuple[np.ndarray, np.ndarray, np.ndarray],
-        stop: tuple[np.ndarray, np.ndarray],
-        epochs: int,
-        patience: int,
-        seed: int,
+        self, fit: tuple[np.ndarray, np.ndarray, np.ndarray], stop: tuple[np.ndarray, np.ndarray], seed: int
     ) -> list[float]:
         """Train from a fresh start as fit() with EarlyStopping(monitor="val_loss", patience,
-        restore_best_weights=True) would; each epoch's val_loss."""
+        restore_best_weights=True) would (`train.epochs`, `train.patience`); each epoch's val_loss."""
         self.reset(seed)
         x, y, weights = fit
         val_losses: list[float] = []
         best, best_weights, wait = np.inf, self.weights(), 0
-        for epoch in range(epochs):
+        for epoch in range(self.epochs):
             val_losses.append(float(self.epoch(x, y, weights, *stop, np.array([seed, epoch], dtype=np.int32))))
             wait += 1
             if val_losses[-1] < best:
                 best, best_weights, wait = val_losses[-1], self.weights(), 0
-            elif wait >= patience:
+            elif wait >= self.patience:
                 break
         for variable, value in zip(self.model.trainable_variables, best_weights, strict=True):
             variable.assign(value)
@@ -175,6 +170,7 @@ def cross_validate(
     check_folds(y, classes, crossval["folds"])
     n_classes = len(classes)
     trainer = FoldTrainer(x.shape[1], n_classes, train_settings)
+    labels = y.astype(np.float32)
     summed = np.zeros((len(y), n_classes))
     accuracies, best_epochs = [], []
     for index, (_, train, held_out) in enumerate(folds_of(y, crossval["folds"], crossval["repeats"], seed)):
@@ -185,14 +181,7 @@ def cross_validate(
         z = np.asarray(normalization(x))
         per_class = class_weights(y[fit], n_classes, train_settings["class_weight"]) or {}
         weights = np.array([per_class.get(int(label), 1.0) for label in y[fit]], dtype=np.float32)
-        labels = y.astype(np.float32)
-        val_losses = trainer.fit(
-            (z[fit], labels[fit], weights),
-            (z[stop], labels[stop]),
-            train_settings["epochs"],
-            train_settings["patience"],
-            seed + index,
-        )
+        val_losses = trainer.fit((z[fit], labels[fit], weights), (z[stop], labels[stop]), seed + index)
         best_epochs.append(int(np.argmin(val_losses)) + 1)
         probabilities = class_probabilities(trainer.predict(z[held_out]))
         summed[held_out] += probabilities
