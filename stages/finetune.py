@@ -17,13 +17,12 @@ from tlpipe.datasets import image_dataset, read_classes, read_manifest, split_ro
 from tlpipe.errors import stage_main
 from tlpipe.evaluation import temperature_reason
 from tlpipe.files import atomic_dir, write_json
-from tlpipe.finetuning import fine_tune, ship_model, unfreeze_top
+from tlpipe.finetuning import batch_forward, dataset_probabilities, fine_tune, ship_model, unfreeze_top
 from tlpipe.models import load_model, save_model
 from tlpipe.params import load_params
 from tlpipe.paths import FINETUNE_LOG_DIR, FINETUNED_LABELS, FINETUNED_MODEL, SHIPPED_NAME, head_model, training_picture
 from tlpipe.progress import dvclive_callback, fit_progress
 from tlpipe.runtime import configure_devices, seed_everything, strategy_for
-from tlpipe.scoring import class_probabilities
 from tlpipe.statistics import calibration
 
 
@@ -47,6 +46,7 @@ def main() -> None:
     train_data = image_dataset(list(train_rows["path"]), size, batch_size, train_labels, shuffle_seed=seed)
     val_data = image_dataset(list(val_rows["path"]), size, batch_size, val_rows["label_index"].to_numpy())
 
+    forward = batch_forward(model, (size, size, 3))
     with atomic_dir(FINETUNE_LOG_DIR) as log_dir:
         progress = fit_progress(key, -(-len(train_rows) // batch_size), tune["epochs"])
         result = fine_tune(
@@ -54,6 +54,7 @@ def main() -> None:
             model,
             strategy,
             (train_data, val_data),
+            forward,
             train_labels,
             len(val_rows),
             len(classes),
@@ -67,7 +68,7 @@ def main() -> None:
         pictures.training_curves(result.history, f"fine-tuning {key}", picture, best_epoch=result.best_epoch)
         # Calibration for predict and evaluate_model: the temperature that best fits the validation images.
         started = time.perf_counter()
-        val_probabilities = class_probabilities(model.predict(val_data, verbose=0))
+        val_probabilities = dataset_probabilities(forward, val_data)
         y_val = val_rows["label_index"].to_numpy()
         scaling = calibration(y_val, val_probabilities, params["stats"]["calibration_alpha"])
         seconds = time.perf_counter() - started

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,3 +90,34 @@ def one_backbone_project(root: Path, data_url: str, key: str, arch: str, image_s
     """make_project with a single randomly initialised backbone, shipped as `model`, plus `sections`."""
     backbone = {key: {"arch": arch, "image_size": image_size, "weights": None}}
     return make_project(root, {"data": {"url": data_url}, "backbones": backbone, "model": key, **sections})
+
+
+def dvc(
+    project: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m dvc ARGS` in `project`, with the virtualenv first on PATH (see run)."""
+    return run([sys.executable, "-m", "dvc", *args], project, check=check, env=env)
+
+
+def stages_run(output: str) -> set[str]:
+    """The stages a `dvc repro`/`dvc exp run` ran, from its standard output."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+TIMING_KEYS = {"images_per_second"}  # wall-clock numbers; every other metric must repeat exactly
+
+
+def metric_files(project: Path) -> dict[str, dict]:
+    """Every metrics file DVC shows, the cross-validation ones included."""
+    files = sorted((project / "metrics").glob("*.json")) + sorted((project / "metrics").glob("crossval/*.json"))
+    return {str(p.relative_to(project)): json.loads(p.read_text()) for p in files}
+
+
+def without_timing(metrics: dict[str, dict]) -> dict[str, dict]:
+    return {name: {k: v for k, v in values.items() if k not in TIMING_KEYS} for name, values in metrics.items()}
+
+
+def training_logs(project: Path) -> dict[str, dict]:
+    """The final training and validation losses of every head and of fine-tuning, at full float precision."""
+    logs = sorted((project / "metrics").glob("train/*/metrics.json")) + [project / "metrics/finetune/metrics.json"]
+    return {str(p.relative_to(project)): json.loads(p.read_text()) for p in logs}

@@ -71,16 +71,28 @@ def repro_killed_mid_stage(project: Path, stage: str, target: str, during: Calla
         repro.wait()
 
 
-# Killed in turn, on one project: train's own run starts from the features recomputed after the first kill.
+# Killed in turn, on one project: each stage's run starts from what the one before recomputed.
 KILLED_OUTPUTS = {
-    "features@resnet50": ["data/features/resnet50"],
-    "train@resnet50": ["models/resnet50/head.keras", "metrics/train/resnet50"],
+    "features@mobilenet": ["data/features/mobilenet"],
+    "train@mobilenet": ["models/mobilenet/head.keras", "metrics/train/mobilenet"],
 }
 
 
-def test_a_stage_killed_mid_run_is_recomputed(tmp_path: Path) -> None:
-    archive = write_dataset_zip(tmp_path / "images.zip", n_train=150, n_test=50, size=64)
-    project = one_backbone_project(tmp_path / "project", archive.as_uri(), "resnet50", "ResNet50", 64)
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("interrupted")
+    archive = write_dataset_zip(root / "images.zip", n_train=40, n_test=10, size=48)
+    return one_backbone_project(
+        root / "project",
+        archive.as_uri(),
+        "mobilenet",
+        "MobileNetV2",
+        32,
+        finetune={"unfreeze": 10, "epochs": 1, "batch_size": 8, "patience": 1},
+    )
+
+
+def test_a_stage_killed_mid_run_is_recomputed(project: Path) -> None:
     for stage, outputs in KILLED_OUTPUTS.items():
         repro_killed_mid_stage(project, stage, stage)
         assert not any((project / output).exists() for output in outputs), stage
@@ -92,16 +104,8 @@ def test_a_stage_killed_mid_run_is_recomputed(tmp_path: Path) -> None:
         assert leftovers(project) == [], stage
 
 
-def test_the_shipped_model_stays_while_a_new_one_trains_and_after_it_is_killed(tmp_path: Path) -> None:
-    archive = write_dataset_zip(tmp_path / "images.zip", n_train=40, n_test=10, size=48)
-    project = one_backbone_project(
-        tmp_path / "project",
-        archive.as_uri(),
-        "mobilenet",
-        "MobileNetV2",
-        32,
-        finetune={"unfreeze": 10, "epochs": 1, "batch_size": 8, "patience": 1},
-    )
+def test_the_shipped_model_stays_while_a_new_one_trains_and_after_it_is_killed(project: Path) -> None:
+    """After the test above (module order), so that only fine-tuning and shipping are left to run."""
     run([sys.executable, "-m", "dvc", "repro", "ship"], project)  # evaluations are not needed here
     shipped = {name: (project / "models" / name).read_bytes() for name in ("model.keras", "labels.json")}
     params = yaml.safe_load((project / "params.yaml").read_text())

@@ -1,14 +1,13 @@
 """End to end: `dvc repro` on CI's gate configuration (a synthetic two-class zip, ResNet50 and InceptionV3
 randomly initialised, InceptionV3 fine-tuned and shipped).
 
-One pipeline run (module fixture) is checked by several tests, the metric gate first; the run takes a few
-minutes on 2 cores.
+The session's one pipeline run (tests/conftest.py `gate_run`, copied here) is checked by several tests, the
+metric gate first; test_pipeline_changes.py checks what changes to it rerun.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -18,10 +17,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.ci_gate import check_against_baseline, gate_project
-from tests.helpers import run
+from tests.ci_gate import check_against_baseline
+from tests.helpers import dvc, run, stages_run
 from tests.test_dependencies import params_problems
-from tlpipe.params import TRACE_VARIABLE
 
 pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
 
@@ -41,36 +39,16 @@ TRUST_KEYS = {
     "temperature_fitted",
     "temperature_p_value",
 }
-TIMING_KEYS = {"images_per_second"}  # wall-clock numbers; everything else must repeat exactly
-
-
-def dvc(project: Path, *args: str, check: bool = True, env: dict[str, str] | None = None):
-    return run([sys.executable, "-m", "dvc", *args], project, check=check, env=env)
-
-
-def metric_files(project: Path) -> dict[str, dict]:
-    """Every metrics file DVC shows, the cross-validation ones included."""
-    files = sorted((project / "metrics").glob("*.json")) + sorted((project / "metrics").glob("crossval/*.json"))
-    return {str(p.relative_to(project)): json.loads(p.read_text()) for p in files}
-
-
-def without_timing(metrics: dict[str, dict]) -> dict[str, dict]:
-    return {name: {k: v for k, v in values.items() if k not in TIMING_KEYS} for name, values in metrics.items()}
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The pipeline on CI's gate configuration (tests/gate/params.yaml), its committed metrics at HEAD."""
-    root = tmp_path_factory.mktemp("e2e")
-    project = gate_project(root)
-    # Each stage records which parameters it reads (test_each_stage_declares_exactly_the_parameters_it_reads).
-    dvc(project, "repro", env={TRACE_VARIABLE: str(root / "params-read")})
-    return project
+def project(gate_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's gate run (tests/conftest.py), copied: tests below change parameters and commit."""
+    return Path(shutil.copytree(gate_run, tmp_path_factory.mktemp("e2e") / "project", symlinks=True))
 
 
 def test_no_metric_regressed_against_the_committed_baseline(project: Path) -> None:
-    """CI's metric gate (python -m tests.ci_gate), on this module's run: it must come first, before the
-    tests below change parameters."""
+    """CI's metric gate (python -m tests.ci_gate), on the session's run, before the tests below change it."""
     gate = check_against_baseline(project)
     assert gate.returncode == 0, gate.stdout + gate.stderr
     assert "no regressions" in gate.stdout
@@ -124,11 +102,11 @@ def declared_params(stage: str, params: dict) -> list[str]:
     return [entry.replace("${key}", key).replace("${model}", params["model"]) for entry in entries]
 
 
-def test_each_stage_declares_exactly_the_parameters_it_reads(project: Path) -> None:
+def test_each_stage_declares_exactly_the_parameters_it_reads(gate_run: Path) -> None:
     """A parameter a stage reads but does not declare would not rerun it; one it declares but never reads
     would rerun it for nothing (tuning fine-tuning's augmentation must not rerun feature extraction)."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    traces = [json.loads(p.read_text()) for p in sorted((project.parent / "params-read").glob("*.json"))]
+    params = yaml.safe_load((gate_run / "params.yaml").read_text())
+    traces = [json.loads(p.read_text()) for p in sorted((gate_run.parent / "params-read").glob("*.json"))]
     stages = {trace["stage"] for trace in traces}
     assert {
         "fetch",
@@ -176,49 +154,6 @@ def test_dvc_metrics_and_plots_list_every_backbone(project: Path) -> None:
         assert f"reports/evaluation/{key}/errors.png" in plots
 
 
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def test_changing_one_backbone_reruns_only_its_stages(project: Path) -> None:
-    """Changing it back restores the features from DVC's run cache and reruns the rest (metrics files are
-    not cached): with the same inputs, the head's training, its evaluation with intervals, and
-    cross-validation give the same numbers to the last digit."""
-    before, logs_before = without_timing(metric_files(project)), training_logs(project)
-    params_file = project / "params.yaml"
-    original = params_file.read_text()
-    params = yaml.safe_load(original)
-    params["backbones"]["resnet50"]["image_size"] = 40
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        result = dvc(project, "repro")
-    finally:
-        params_file.write_text(original)
-    resnet50_stages = {"features@resnet50", "train@resnet50", "evaluate@resnet50", "crossval@resnet50"}
-    assert stages_run(result.stdout) - {"fetch"} == {"validate", *resnet50_stages, "aggregate"}
-    assert without_timing(metric_files(project)) != before
-    restored = dvc(project, "repro")  # back to the committed parameters
-    assert {"train@resnet50", "evaluate@resnet50", "crossval@resnet50"} <= stages_run(restored.stdout)
-    assert without_timing(metric_files(project)) == before
-    assert training_logs(project) == logs_before
-
-
-def training_logs(project: Path) -> dict[str, dict]:
-    """The final training and validation losses of every head and of fine-tuning, at full float precision."""
-    logs = sorted((project / "metrics").glob("train/*/metrics.json")) + [project / "metrics/finetune/metrics.json"]
-    return {str(p.relative_to(project)): json.loads(p.read_text()) for p in logs}
-
-
-def test_fine_tuning_rerun_by_force_gives_the_same_losses(project: Path, tmp_path: Path) -> None:
-    """In a copy, so that the new model's file date leaves this project's lock alone; the frozen path's
-    stages get the same check in test_changing_one_backbone_reruns_only_its_stages."""
-    copy = tmp_path / "copy"
-    shutil.copytree(project, copy, symlinks=True)
-    dvc(copy, "repro", "--force", "--single-item", "finetune")
-    assert without_timing(metric_files(copy)) == without_timing(metric_files(project))
-    assert training_logs(copy) == training_logs(project)
-
-
 def test_the_shipped_model_is_scored_and_ranked(project: Path) -> None:
     labels = json.loads((project / "models/labels.json").read_text())
     assert labels["classes"] == ["cats", "dogs"] and labels["backbone"] == "inception"
@@ -255,7 +190,10 @@ def test_shipped_model_loads_in_a_fresh_process_and_predicts(project: Path, tmp_
     assert shape == "(1, 1)" and 0.0 <= low <= high <= 1.0
 
 
-def test_predict_reports_each_file_and_goes_on(project: Path, tmp_path: Path) -> None:
+def test_predict_reports_each_file_and_goes_on(project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The pipeline's shipped model through predict's command line, run in this process (predict as a
+    command of its own is tested by test_install.py and the test below)."""
+    from stages.predict import main as predict
     from tests.synthetic import encode, synthetic_image
 
     rng = np.random.default_rng(7)
@@ -265,15 +203,16 @@ def test_predict_reports_each_file_and_goes_on(project: Path, tmp_path: Path) ->
         (folder / f"{name}.png").write_bytes(encode(synthetic_image(index, rng, 64), "PNG"))
     (folder / "corrupt.jpg").write_bytes(encode(synthetic_image(0, rng, 64))[:200])
     (folder / "notes.jpg").write_text("not an image")
-    result = run([sys.executable, "-m", "stages.predict", str(folder), "--format", "json"], project, check=False)
-    assert result.returncode == 1, result.stderr
-    by_name = {Path(p["path"]).name: p for p in json.loads(result.stdout)}
+    code = predict([str(folder), "--format", "json", "--model", str(project / "models/model.keras")])
+    result = capsys.readouterr()
+    assert code == 1, result.err
+    by_name = {Path(p["path"]).name: p for p in json.loads(result.out)}
     assert set(by_name) == {"cats.png", "dogs.png", "corrupt.jpg", "notes.jpg"}
     assert by_name["cats.png"]["label"] in ("cats", "dogs") and by_name["cats.png"]["error"] is None
     assert 0.5 <= by_name["dogs.png"]["probability"] <= 1.0
     assert by_name["corrupt.jpg"]["error"].startswith("truncated")
     assert by_name["notes.jpg"]["error"].startswith("not an image")
-    assert "error: " + str(folder / "notes.jpg") in result.stderr
+    assert "error: " + str(folder / "notes.jpg") in result.err
     # The text and csv formats, and exit code 0, are tested in process by test_predict.py.
 
 
@@ -342,13 +281,3 @@ def test_a_failing_stage_says_how_to_restore_what_dvc_removed(project: Path) -> 
     assert features.read_bytes() == before
     dvc(project, "repro", "validate")  # it passed the damaged file's name; back to the parameters in use
     assert json.loads(dvc(project, "status", "--json").stdout) == {"fetch": ["always changed"]}
-
-
-def test_exp_run_with_another_model_reruns_only_the_shipping_stages(project: Path) -> None:
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "baseline results", "--allow-empty"], project)
-    result = dvc(project, "exp", "run", "-S", "model=resnet50")
-    assert stages_run(result.stdout) - {"fetch"} == {"validate", "finetune", "ship", "evaluate_model", "aggregate"}
-    assert json.loads((project / "metrics/model.json").read_text())["backbone"] == "resnet50"
-    diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
-    assert "metrics/model.json" in diff

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +13,10 @@ import numpy as np
 from tlpipe.backbones import build_base, get_backbone, preprocessing_layers
 from tlpipe.datasets import augmentation_layers
 from tlpipe.errors import PipelineError
-from tlpipe.models import class_weights, loss_for
+from tlpipe.models import class_weights, inference_function, loss_for
 from tlpipe.params import resolve_weights
 from tlpipe.progress import duration
+from tlpipe.scoring import class_probabilities
 
 # A training step runs the forward pass, then the backward pass through the unfrozen layers, which costs
 # up to twice the forward pass: an estimate before training starts, refined by the measured first batches.
@@ -61,14 +63,26 @@ def ship_model(key: str, spec: dict[str, Any], head: Any, augment: dict[str, Any
     return keras.Model(inputs, outputs, name=f"{key}_classifier"), base
 
 
-def forward_seconds_per_image(model: Any, images: Any) -> float:
-    """Wall-clock seconds of one inference forward pass per image, measured on one batch after a warm-up."""
-    import tensorflow as tf
+def batch_forward(model: Any, image_shape: tuple[int, ...]) -> Callable[[Any], np.ndarray]:
+    """The model's inference pass over a batch of images -> class probabilities, compiled once for every
+    batch size: one trace serves the time estimate before fine-tuning and the calibration pass after it.
 
-    forward = tf.function(lambda x: model(x, training=False))
+    It reads the model's variables at each call (not frozen), so it sees the weights fine-tuning keeps.
+    """
+    forward = inference_function(lambda x: model(x, training=False), (None, *image_shape), freeze=False)
+    return lambda images: class_probabilities(forward(images).numpy())
+
+
+def dataset_probabilities(forward: Callable[[Any], np.ndarray], data: Any) -> np.ndarray:
+    """Class probabilities of every image of a batched (images, labels) dataset, in its order."""
+    return np.concatenate([forward(images) for images, _ in data])
+
+
+def forward_seconds_per_image(forward: Callable[[Any], np.ndarray], images: Any) -> float:
+    """Wall-clock seconds of one inference forward pass per image, measured on one batch after a warm-up."""
     forward(images)
     started = time.perf_counter()
-    forward(images).numpy()
+    forward(images)
     return (time.perf_counter() - started) / len(images)
 
 
@@ -104,6 +118,7 @@ def fine_tune(
     model: Any,
     strategy: Any,
     data: tuple[Any, Any],
+    forward: Callable[[Any], np.ndarray],
     train_labels: np.ndarray,
     n_val: int,
     n_classes: int,
@@ -113,7 +128,7 @@ def fine_tune(
 ) -> FineTuned:
     """Train `model` (params.yaml `finetune:`) on (train, val) image batches with early stopping on val.
 
-    Prints an estimate of the time it will take first. Fine-tuning must never ship something worse than the
+    Prints an estimate of the time it will take first, timing `forward` (batch_forward of `model`). Fine-tuning must never ship something worse than the
     frozen base and head it started from: when the validation loss ends higher, the frozen weights are kept.
     """
     import keras
@@ -127,7 +142,7 @@ def fine_tune(
         )
     frozen_weights = model.get_weights()
     sample, _ = next(iter(val_data))
-    announce_estimate(key, forward_seconds_per_image(model, sample), len(train_labels), n_val, settings["epochs"])
+    announce_estimate(key, forward_seconds_per_image(forward, sample), len(train_labels), n_val, settings["epochs"])
     frozen = tuple(model.evaluate(val_data, verbose=0))
     history = model.fit(
         train_data,

@@ -1,0 +1,66 @@
+"""What a change to the reproduced gate pipeline reruns, and that the same inputs give the same numbers.
+
+Works on copies of the session's gate run (tests/conftest.py `gate_run`, which test_pipeline_e2e.py checks).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import dvc, metric_files, run, stages_run, training_logs, without_timing
+from tlpipe.paths import FINETUNED_LABELS
+
+pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
+
+
+@pytest.fixture(scope="module")
+def project(gate_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(shutil.copytree(gate_run, tmp_path_factory.mktemp("changes") / "project", symlinks=True))
+
+
+def test_changing_one_backbone_reruns_only_its_stages(project: Path) -> None:
+    """Changing it back restores the features from DVC's run cache and reruns the rest (metrics files are
+    not cached): with the same inputs, the head's training, its evaluation with intervals, and
+    cross-validation give the same numbers to the last digit."""
+    before, logs_before = without_timing(metric_files(project)), training_logs(project)
+    params_file = project / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["backbones"]["resnet50"]["image_size"] = 40
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = dvc(project, "repro")
+    finally:
+        params_file.write_text(original)
+    resnet50_stages = {"features@resnet50", "train@resnet50", "evaluate@resnet50", "crossval@resnet50"}
+    assert stages_run(result.stdout) - {"fetch"} == {"validate", *resnet50_stages, "aggregate"}
+    assert without_timing(metric_files(project)) != before
+    restored = dvc(project, "repro")  # back to the committed parameters
+    assert {"train@resnet50", "evaluate@resnet50", "crossval@resnet50"} <= stages_run(restored.stdout)
+    assert without_timing(metric_files(project)) == before
+    assert training_logs(project) == logs_before
+
+
+def test_fine_tuning_rerun_by_force_gives_the_same_losses(gate_run: Path, tmp_path: Path) -> None:
+    """The same losses at every epoch and the same temperature fitted on val; the frozen path's stages get
+    this check in test_changing_one_backbone_reruns_only_its_stages."""
+    copy = Path(shutil.copytree(gate_run, tmp_path / "copy", symlinks=True))
+    dvc(copy, "repro", "--force", "--single-item", "finetune")
+    assert training_logs(copy) == training_logs(gate_run)
+    labels = [json.loads((project / FINETUNED_LABELS).read_text()) for project in (copy, gate_run)]
+    assert labels[0] == labels[1] and "temperature_p_value" in labels[0]
+
+
+def test_exp_run_with_another_model_reruns_only_the_shipping_stages(project: Path) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline results", "--allow-empty"], project)
+    result = dvc(project, "exp", "run", "-S", "model=resnet50")
+    assert stages_run(result.stdout) - {"fetch"} == {"validate", "finetune", "ship", "evaluate_model", "aggregate"}
+    assert json.loads((project / "metrics/model.json").read_text())["backbone"] == "resnet50"
+    diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
+    assert "metrics/model.json" in diff
