@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +11,7 @@ import pandas as pd
 from tlpipe.errors import PipelineError
 from tlpipe.files import read_json
 from tlpipe.paths import CLASSES, MANIFEST
+from tlpipe.runtime import usable_cores
 
 if TYPE_CHECKING:
     import keras
@@ -86,7 +86,7 @@ def image_dataset(
         decode = lambda path, label: (decode_resized(path, image_size), label)  # noqa: E731
     if autotune is None:
         autotune = bool(tf.config.list_logical_devices("GPU"))
-    parallel = tf.data.AUTOTUNE if autotune else len(os.sched_getaffinity(0))
+    parallel = tf.data.AUTOTUNE if autotune else usable_cores()
     images = items.map(decode, num_parallel_calls=parallel, deterministic=True)
     batches = images.batch(batch_size)
     if autotune:

@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS reports it, as in a container)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have only the machine's count
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow and make TF ops deterministic, so reruns give equal metrics."""
     os.environ["PYTHONHASHSEED"] = str(seed)
