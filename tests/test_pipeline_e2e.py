@@ -190,6 +190,29 @@ def test_shipped_model_loads_in_a_fresh_process_and_predicts(project: Path, tmp_
     assert shape == "(1, 1)" and 0.0 <= low <= high <= 1.0
 
 
+def test_the_shipped_model_is_a_registry_artifact(project: Path, tmp_path: Path) -> None:
+    """dvc.yaml's `artifacts:` entry: once a version is registered (an annotated GTO tag, what `gto register`
+    and Studio write), `dvc artifacts get` downloads the shipped model, and `dvc get` its labels."""
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "results", "--allow-empty"], project)
+    run(["git", "tag", "-a", "image-classifier@v1.0.0", "-m", "Registering artifact image-classifier v1.0.0"], project)
+    shown = yaml.safe_load((project / "dvc.yaml").read_text())["artifacts"]["image-classifier"]
+    assert shown["type"] == "model" and shown["path"] == "models/model.keras"
+    dvc(project, "artifacts", "get", ".", "image-classifier", "-o", str(tmp_path / "model.keras"))
+    dvc(
+        project,
+        "get",
+        ".",
+        "models/labels.json",
+        "--rev",
+        "image-classifier@v1.0.0",
+        "-o",
+        str(tmp_path / "labels.json"),
+    )
+    assert (tmp_path / "model.keras").read_bytes() == (project / "models/model.keras").read_bytes()
+    assert (tmp_path / "labels.json").read_bytes() == (project / "models/labels.json").read_bytes()
+
+
 def test_predict_reports_each_file_and_goes_on(project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The pipeline's shipped model through predict's command line, run in this process (predict as a
     command of its own is tested by test_install.py and the test below)."""
