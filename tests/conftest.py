@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
 from tests.ci_gate import gate_project
-from tests.helpers import run
+from tests.helpers import dvc
 from tlpipe.params import TRACE_VARIABLE
 
 # Each runs one or more whole pipelines: the slowest first. test_pipeline_changes.py reuses the gate run that
@@ -54,7 +53,6 @@ def gate_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not (root / "reproduced").is_file():
             shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
             project = gate_project(root)
-            dvc_env = {TRACE_VARIABLE: str(root / "params-read")}
-            run([sys.executable, "-m", "dvc", "repro"], project, env=dvc_env)
+            dvc(project, "repro", env={TRACE_VARIABLE: str(root / "params-read")})
             (root / "reproduced").write_text("")
     return root / "project"

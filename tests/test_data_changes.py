@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import make_project, run
+from tests.helpers import dvc, make_project, stages_run
 from tests.synthetic import encode, synthetic_image
 
 pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
@@ -55,12 +53,8 @@ def project_on_folder(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def repro_prepare(project: Path) -> str:
-    result = run([sys.executable, "-m", "dvc", "repro", "prepare"], project)
+    result = dvc(project, "repro", "prepare")
     return result.stdout + result.stderr
-
-
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
 
 
 def classes(project: Path) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import one_backbone_project, run
+from tests.helpers import dvc, one_backbone_project, run
 from tests.synthetic import write_dataset_zip
 from tlpipe.files import atomic_path, write_json
 
@@ -96,9 +96,9 @@ def test_a_stage_killed_mid_run_is_recomputed(project: Path) -> None:
     for stage, outputs in KILLED_OUTPUTS.items():
         repro_killed_mid_stage(project, stage, stage)
         assert not any((project / output).exists() for output in outputs), stage
-        status = run([sys.executable, "-m", "dvc", "status", stage], project).stdout
+        status = dvc(project, "status", stage).stdout
         assert stage in status
-        result = run([sys.executable, "-m", "dvc", "repro", stage], project)
+        result = dvc(project, "repro", stage)
         assert f"Running stage '{stage}'" in result.stdout
         assert all((project / output).exists() for output in outputs), stage
         assert leftovers(project) == [], stage
@@ -106,7 +106,7 @@ def test_a_stage_killed_mid_run_is_recomputed(project: Path) -> None:
 
 def test_the_shipped_model_stays_while_a_new_one_trains_and_after_it_is_killed(project: Path) -> None:
     """After the test above (module order), so that only fine-tuning and shipping are left to run."""
-    run([sys.executable, "-m", "dvc", "repro", "ship"], project)  # evaluations are not needed here
+    dvc(project, "repro", "ship")  # evaluations are not needed here
     shipped = {name: (project / "models" / name).read_bytes() for name in ("model.keras", "labels.json")}
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["finetune"]["epochs"] = 200  # a new, long fine-tune
@@ -123,7 +123,7 @@ def test_the_shipped_model_stays_while_a_new_one_trains_and_after_it_is_killed(p
     assert not (project / "models/finetuned.keras").exists()  # DVC removed finetune's own output
     for name, content in shipped.items():  # the files predict just worked with, untouched by the kill
         assert (project / "models" / name).read_bytes() == content, name
-    assert "finetune" in run([sys.executable, "-m", "dvc", "status", "finetune"], project).stdout
+    assert "finetune" in dvc(project, "status", "finetune").stdout
 
 
 def test_the_recovery_hint_names_dvc_checkout_only_where_dvc_removed_outputs(tmp_path: Path) -> None:

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import one_backbone_project, run
+from tests.helpers import dvc, one_backbone_project, stages_run
 from tests.synthetic import encode, synthetic_image
 from tlpipe.errors import PipelineError
 from tlpipe.prediction import predict_files
@@ -53,8 +51,7 @@ def test_hundred_classes_through_evaluation(tmp_path: Path) -> None:
         32,
         train={"epochs": 5, "patience": 2},
     )
-    result = run([sys.executable, "-m", "dvc", "repro", "evaluate@mobilenet"], project)
-    ran = set(re.findall(r"Running stage '([^']+)'", result.stdout))
+    ran = stages_run(dvc(project, "repro", "evaluate@mobilenet").stdout)
     assert {"prepare", "features@mobilenet", "train@mobilenet", "evaluate@mobilenet"} <= ran
 
     assert json.loads((project / "data/prepared/classes.json").read_text()) == CLASSES

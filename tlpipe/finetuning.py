@@ -128,8 +128,9 @@ def fine_tune(
 ) -> FineTuned:
     """Train `model` (params.yaml `finetune:`) on (train, val) image batches with early stopping on val.
 
-    Prints an estimate of the time it will take first, timing `forward` (batch_forward of `model`). Fine-tuning must never ship something worse than the
-    frozen base and head it started from: when the validation loss ends higher, the frozen weights are kept.
+    Prints an estimate of the time it will take first, timing `forward` (batch_forward of `model`).
+    Fine-tuning must never ship something worse than the frozen base and head it started from: when the
+    validation loss ends higher, the frozen weights are kept.
     """
     import keras
 
