@@ -11,13 +11,13 @@ import sys
 
 import numpy as np
 
-from tlpipe.datasets import read_classes, read_manifest, split_rows
+from tlpipe.datasets import read_classes, read_manifest, scored_test_rows
 from tlpipe.errors import stage_main
 from tlpipe.evaluation import headline, write_evaluation
 from tlpipe.feature_cache import load_features, load_meta
 from tlpipe.models import load_model
 from tlpipe.params import load_params
-from tlpipe.paths import head_model
+from tlpipe.paths import DROPPED_TEST, head_model
 from tlpipe.scoring import class_probabilities
 from tlpipe.statistics import calibration
 
@@ -26,8 +26,9 @@ from tlpipe.statistics import calibration
 def main(key: str) -> None:
     params = load_params()
     classes = read_classes()
-    test_rows = split_rows(read_manifest(), "test")
+    test_rows, kept = scored_test_rows(read_manifest())
     features = load_features(key)
+    features["x_test"], features["y_test"] = features["x_test"][kept], features["y_test"][kept]
     head = load_model(head_model(key))
     probabilities = {
         split: class_probabilities(head.predict(features[f"x_{split}"].astype(np.float32), batch_size=1024, verbose=0))
@@ -45,6 +46,11 @@ def main(key: str) -> None:
         params["seed"],
         calibration(features["y_val"], probabilities["val"], params["stats"]["calibration_alpha"]),
     )
+    if not kept.all():
+        print(
+            f"{key}: {int((~kept).sum())} test images with a copy in train/val left out ({DROPPED_TEST})",
+            file=sys.stderr,
+        )
     print(f"{key}: {headline(scores)}", file=sys.stderr)
 
 

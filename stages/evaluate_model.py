@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.datasets import read_classes, read_manifest, split_rows
+from tlpipe.datasets import read_classes, read_manifest, scored_test_rows
 from tlpipe.errors import PipelineError, stage_main
 from tlpipe.evaluation import fine_tuning_line, headline, paired_against, write_evaluation
 from tlpipe.params import load_params
@@ -28,7 +28,7 @@ def main() -> None:
     model, labels = load_classifier(SHIPPED_MODEL)
     if labels != classes:
         raise PipelineError(f"{SHIPPED_MODEL} {class_difference(labels, classes)}; rerun dvc repro")
-    test_rows = split_rows(read_manifest(), "test")
+    test_rows, _ = scored_test_rows(read_manifest())
     started = time.perf_counter()
     predictions = predict_with_progress(model, labels, [Path(p) for p in test_rows["path"]])
     seconds = time.perf_counter() - started

@@ -8,9 +8,11 @@ metric gate first; test_pipeline_changes.py checks what changes to it rerun.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -95,11 +97,18 @@ CONDITIONAL_READS = {"distribute.cpu_replicas": "read only under distribute.stra
 
 
 def declared_params(stage: str, params: dict) -> list[str]:
-    """The `params:` of a stage in dvc.yaml, with ${key} (foreach) and ${model} filled in."""
+    """The `params:` of a stage in dvc.yaml, with ${key} (foreach) and ${model}, ${audit.backbone}... filled in."""
     name, _, key = stage.partition("@")
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"][name]
     entries = spec.get("do", spec).get("params", [])
-    return [entry.replace("${key}", key).replace("${model}", params["model"]) for entry in entries]
+
+    def value(match: re.Match) -> str:
+        found: Any = params
+        for part in match.group(1).split("."):
+            found = found[part]
+        return str(found)
+
+    return [re.sub(r"\$\{([\w.]+)\}", value, entry.replace("${key}", key)) for entry in entries]
 
 
 def test_each_stage_declares_exactly_the_parameters_it_reads(gate_run: Path) -> None:
@@ -115,6 +124,7 @@ def test_each_stage_declares_exactly_the_parameters_it_reads(gate_run: Path) -> 
         "train@inception",
         "evaluate@resnet50",
         "crossval@inception",
+        "audit",
         "finetune",
         "evaluate_model",
         "aggregate",

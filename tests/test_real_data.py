@@ -108,3 +108,16 @@ def test_prepare_keeps_every_real_image(real_runs: dict[str, Path]) -> None:
     report = json.loads((real_runs["mobilenet"] / "data/prepared/report.json").read_text())
     assert report["skipped"] == [] and report["classes"] == ["cats", "dogs"]
     assert sum(report["counts"]["test"].values()) == 1000
+
+
+def test_the_audit_finds_the_known_duplicate_photo_and_no_leak(real_runs: dict[str, Path]) -> None:
+    """train/dogs/dog.74.jpg and dog.180.jpg are one photo saved twice (same size, different bytes)."""
+    import pandas as pd
+
+    project = real_runs["mobilenet"]
+    pairs = pd.read_csv(project / "reports" / "audit" / "duplicates.csv")
+    names = {frozenset(Path(p).name for p in pair) for pair in zip(pairs["path_a"], pairs["path_b"])}
+    assert frozenset({"dog.74.jpg", "dog.180.jpg"}) in names
+    counts = json.loads((project / "metrics" / "audit.json").read_text())
+    assert counts["audited_images"] == 3000 and counts["leaked_test_images"] == 0
+    assert counts["label_issues_checked"] == 2000

@@ -37,14 +37,21 @@ class CrossValidation:
         }
 
 
-def check_folds(y: np.ndarray, classes: list[str], folds: int) -> None:
+def fold_shortage(y: np.ndarray, classes: list[str], folds: int) -> str | None:
+    """Why `y` cannot be split into `folds` stratified folds, or None when it can."""
     counts = np.bincount(y, minlength=len(classes))
     smallest = int(np.argmin(counts))
-    if counts[smallest] < folds:
-        raise PipelineError(
-            f"crossval.folds: {folds} folds need at least {folds} images of every class in train+val; "
-            f"{classes[smallest]!r} has {counts[smallest]}; lower crossval.folds or add images"
-        )
+    if counts[smallest] >= folds:
+        return None
+    return (
+        f"crossval.folds: {folds} folds need at least {folds} images of every class in train+val; "
+        f"{classes[smallest]!r} has {counts[smallest]}; lower crossval.folds or add images"
+    )
+
+
+def check_folds(y: np.ndarray, classes: list[str], folds: int) -> None:
+    if shortage := fold_shortage(y, classes, folds):
+        raise PipelineError(shortage)
 
 
 def early_stopping_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from tlpipe.errors import PipelineError
 from tlpipe.files import read_json
-from tlpipe.paths import CLASSES, MANIFEST
+from tlpipe.paths import CLASSES, DROPPED_TEST, MANIFEST
 from tlpipe.runtime import usable_cores
 
 if TYPE_CHECKING:
@@ -49,6 +49,22 @@ def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     if rows.empty:
         raise PipelineError(f"{MANIFEST} has no {split} images; check the dataset layout and data.val_fraction")
     return rows
+
+
+def scored_test_rows(manifest: pd.DataFrame, dropped: Path = DROPPED_TEST) -> tuple[pd.DataFrame, np.ndarray]:
+    """The test images every evaluation scores, and a mask of them over the test split's rows: the whole
+    split, less the images the audit dropped for having a copy in train or val (audit.leakage: drop)."""
+    rows = split_rows(manifest, "test")
+    try:
+        left_out = set(pd.read_csv(dropped, dtype=str, keep_default_na=False)["path"])
+    except FileNotFoundError:
+        raise PipelineError(f"{dropped} is missing; run dvc repro audit") from None
+    except (KeyError, ValueError, pd.errors.ParserError):
+        raise PipelineError(f"{dropped} is unreadable or has no path column; rerun dvc repro -f audit") from None
+    keep = ~rows["path"].isin(left_out).to_numpy()
+    if not keep.any():
+        raise PipelineError(f"{dropped} leaves no test image to score; the test split is all copies of train/val")
+    return rows[keep], keep
 
 
 def decode_resized(path: tf.Tensor, image_size: int) -> tf.Tensor:

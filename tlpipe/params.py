@@ -29,6 +29,7 @@ RESERVED_KEYS = {
     "train",
     "plots",
     "crossval",
+    "audit",
 }  # names of files and folders beside metrics/<key>.json
 
 Check = Callable[[Any], "str | None"]  # returns what is wrong, or None
@@ -160,6 +161,11 @@ SCHEMA: dict[str, Any] = {
         "calibration_alpha": _float(0.0, 1.0, include_low=False),
     },
     "crossval": {"folds": _int(2, 100), "repeats": _int(1, 100)},
+    "audit": {
+        "backbone": None,  # checked against the backbone keys
+        "near_duplicate_threshold": _float(0.0, 1.0, include_low=False),
+        "leakage": _choice("report", "drop", "fail"),
+    },
     "regression": _regression,
 }
 OPTIONAL_SECTIONS: set[str] = set()
@@ -253,6 +259,13 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
     backbones = params.get("backbones")
     if isinstance(backbones, dict) and "model" in params and params["model"] not in backbones:
         problems.append(f"model: {params['model']!r} is not a backbone; valid: {', '.join(map(str, backbones))}")
+    audit = params.get("audit")
+    if isinstance(backbones, dict) and isinstance(audit, dict) and "backbone" in audit:
+        if audit["backbone"] not in backbones:
+            problems.append(
+                f"audit.backbone: {audit['backbone']!r} is not a backbone; use one whose features are cached: "
+                f"{', '.join(map(str, backbones))}"
+            )
     return problems
 
 

@@ -35,6 +35,11 @@ TRAINING_PICTURES_DIR = Path("reports/training")
 CROSSVAL_METRICS_DIR = METRICS_DIR / "crossval"
 CROSSVAL_DIR = Path("reports/crossval")
 COMPARISON_DIR = Path("reports")
+AUDIT_METRICS = METRICS_DIR / "audit.json"
+AUDIT_DIR = Path("reports/audit")
+# The test images every evaluation leaves out: those the audit found copied in train or val, when
+# audit.leakage is drop (else none). Under data/: a pipeline input to the evaluations, not a report.
+DROPPED_TEST = Path("data/audit/dropped_test.csv")
 # The name evaluate_model writes its evaluation under, beside the backbone keys.
 SHIPPED_NAME = "model"
 

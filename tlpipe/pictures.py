@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import textwrap
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -265,27 +265,48 @@ def misclassified_grid(errors: list[dict[str, Any]], title: str, path: Path) -> 
 
 
 def errors_figure(errors: list[dict[str, Any]], names: dict[str, str], title: str) -> Any:
+    shown = errors[:MAX_ERRORS_SHOWN]
+    cells = [
+        (e["path"], f"true {names[e['actual']]}\npred {names[e['predicted']]} ({e['probability']:.2f})") for e in shown
+    ]
+    more = f", first {len(shown)} shown" if len(errors) > len(shown) else ""
+    return grid_figure(cells, f"{title}: {len(errors)} wrong{more}", "no test image misclassified")
+
+
+def image_grid(
+    paths: list[str],
+    caption: Callable[[int, dict[str, str]], str],
+    names: Iterable[str],
+    title: str,
+    empty: str,
+    path: Path,
+    columns: int = 6,
+) -> None:
+    """The images at `paths`, each captioned by caption(position, drawable class names); `names` are the
+    class names the captions use (see class_names)."""
+    with class_names(names) as drawn:
+        cells = [(image, caption(index, drawn)) for index, image in enumerate(paths)]
+        save_png(grid_figure(cells, title, empty, columns), path)
+
+
+def grid_figure(cells: list[tuple[str, str]], title: str, empty: str, columns: int = 6) -> Any:
+    """(image path, caption) cells in rows of `columns`, thumbnails of at most 160 pixels a side."""
     from PIL import Image
 
-    shown = errors[:MAX_ERRORS_SHOWN]
-    columns = 6
-    rows = max(1, -(-len(shown) // columns))
+    rows = max(1, -(-len(cells) // columns))
     fig, axes = pyplot().subplots(
         rows, columns, figsize=(2.0 * columns, 2.3 * rows + 0.4), squeeze=False, layout="tight"
     )
     for ax in axes.flat:
         ax.axis("off")
-    for ax, error in zip(axes.flat, shown):
-        with Image.open(error["path"]) as image:
+    for ax, (image_path, caption) in zip(axes.flat, cells):
+        with Image.open(image_path) as image:
             image.thumbnail((160, 160))
             ax.imshow(image.convert("RGB"))
-        ax.set_title(
-            f"true {names[error['actual']]}\npred {names[error['predicted']]} ({error['probability']:.2f})", fontsize=8
-        )
-    more = f", first {len(shown)} shown" if len(errors) > len(shown) else ""
-    figure_title(fig, f"{title}: {len(errors)} wrong{more}")
-    if not errors:
-        axes.flat[0].text(0.5, 0.5, "no test image misclassified", ha="center", va="center")
+        ax.set_title(caption, fontsize=8)
+    figure_title(fig, title)
+    if not cells:
+        axes.flat[0].text(0.5, 0.5, empty, ha="center", va="center")
     return fig
 
 
