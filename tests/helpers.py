@@ -98,6 +98,32 @@ def one_backbone_project(root: Path, data_url: str, key: str, arch: str, image_s
     return make_project(root, {"data": {"url": data_url}, "backbones": backbone, "model": key, **sections})
 
 
+def stages_in_process(project: Path, *calls: tuple[str, ...], check: bool = True) -> tuple[int, str]:
+    """Run stage mains (("features", "vgg16"), ("audit",), ...) in this process, in `project`, in order, as
+    `dvc repro` would: the stages' own code without a TensorFlow start-up per stage. (exit code, stderr);
+    with `check`, a stage that exits non-zero fails the test."""
+    import contextlib
+    import importlib
+    import io
+
+    previous, stderr, code = Path.cwd(), io.StringIO(), 0
+    os.chdir(project)
+    try:
+        with contextlib.redirect_stderr(stderr):
+            for name, *args in calls:
+                try:
+                    importlib.import_module(f"stages.{name}").main(*args)
+                except SystemExit as exit:
+                    code = int(exit.code or 0)
+                    if code:
+                        break
+    finally:
+        os.chdir(previous)
+    if check and code:
+        raise AssertionError(f"stage {name} {' '.join(args)} exited {code}\n{stderr.getvalue()}")
+    return code, stderr.getvalue()
+
+
 def dvc(
     project: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

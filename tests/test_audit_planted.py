@@ -1,5 +1,7 @@
-"""The data audit through DVC on real photos with planted problems: a subset of the shared zip, MobileNetV2 with
-the shared ImageNet weights, and the default audit settings.
+"""The data audit on real photos with planted problems: a subset of the shared zip, MobileNetV2 with the shared
+ImageNet weights, and the default audit settings. The stages run in this process (tests.helpers
+.stages_in_process), as `dvc repro` would run them; that evaluations rerun when the audit's list of dropped
+test images changes is checked through DVC in tests/test_pipeline_changes.py.
 
 Planted in train/ (prepare then carves val out of it, so each copy lands in train or val):
 - exact copies of test images (the same bytes under another name);
@@ -21,7 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import SHARED_DIR, dvc, make_project, require_shared
+from tests.helpers import SHARED_DIR, make_project, require_shared, stages_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
@@ -83,7 +85,9 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, l
         root / "project",
         {"data": {"url": (root / "planted.zip").as_uri()}, "backbones": {"mobilenet": spec}, "model": "mobilenet"},
     )
-    dvc(project, "repro", "audit")
+    stages_in_process(
+        project, ("fetch",), ("prepare",), ("features", "mobilenet"), ("crossval", "mobilenet"), ("audit",)
+    )
     return project, planted
 
 
@@ -116,18 +120,22 @@ def test_the_moved_images_rank_first_among_the_likely_label_errors(audited) -> N
             assert by_path.loc[path, "suggested_label"] == label
 
 
-def test_leakage_drop_and_fail_through_dvc(audited) -> None:
-    project, planted = audited
+def set_leakage(project: Path, mode: str) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["audit"]["leakage"] = "drop"
+    params["audit"]["leakage"] = mode
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = dvc(project, "repro", "evaluate@mobilenet")
-    assert "12 test images with a copy in train/val left out" in result.stderr
-    assert json.loads((project / "metrics" / "mobilenet.json").read_text())["n_test"] == 40 - 12
 
-    params["audit"]["leakage"] = "fail"
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = dvc(project, "repro", "audit", check=False)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: audit.leakage")]
-    assert len(errors) == 1 and "12 test images have a copy in train or val" in errors[0], result.stderr
+
+def test_leakage_drop_leaves_the_copies_out_and_fail_stops_with_one_line(audited) -> None:
+    project, planted = audited
+    set_leakage(project, "drop")
+    _, stderr = stages_in_process(project, ("audit",), ("train", "mobilenet"), ("evaluate", "mobilenet"))
+    assert "12 test images with a copy in train/val left out" in stderr
+    assert json.loads((project / "metrics" / "mobilenet.json").read_text())["n_test"] == 40 - 12
+    dropped = set(pd.read_csv(project / "data" / "audit" / "dropped_test.csv")["path"])
+    assert dropped == {original for kind in COPIES for _, original in planted[kind]}
+
+    set_leakage(project, "fail")
+    code, stderr = stages_in_process(project, ("audit",), check=False)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: audit.leakage")]
+    assert code == 1 and len(errors) == 1 and "12 test images have a copy in train or val" in errors[0], stderr

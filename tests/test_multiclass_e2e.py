@@ -1,16 +1,17 @@
-"""Users' own data: a local folder of three classes, one grayscale and one rare, end to end with `dvc repro`."""
+"""Users' own data: a local folder of three classes, one grayscale and one rare, end to end: every stage of
+`dvc repro`, in its order, the stages' own code in this process (tests.helpers.stages_in_process; what DVC
+adds is checked by test_pipeline_e2e.py and, for a local folder, test_data_changes.py)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import make_project, run
+from tests.helpers import make_project, stages_in_process
 from tests.synthetic import encode, synthetic_image
 from tlpipe.models import class_weights
 
@@ -49,7 +50,20 @@ def test_three_classes_from_a_local_folder(tmp_path: Path) -> None:
             "finetune": {"unfreeze": "conv5", "epochs": 1, "batch_size": 16, "patience": 1},
         },
     )
-    run([sys.executable, "-m", "dvc", "repro"], project)
+    stages_in_process(
+        project,
+        ("fetch",),
+        ("prepare",),
+        ("features", "resnet50"),
+        ("train", "resnet50"),
+        ("crossval", "resnet50"),
+        ("audit",),
+        ("evaluate", "resnet50"),
+        ("finetune",),
+        ("ship",),
+        ("evaluate_model",),
+        ("aggregate",),
+    )
 
     report = json.loads((project / "data/prepared/report.json").read_text())
     assert report["classes"] == list(CLASSES) and report["skipped"] == []

@@ -64,3 +64,25 @@ def test_exp_run_with_another_model_reruns_only_the_shipping_stages(project: Pat
     assert json.loads((project / "metrics/model.json").read_text())["backbone"] == "resnet50"
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
     assert "metrics/model.json" in diff
+
+
+def test_a_changed_list_of_dropped_test_images_reruns_every_evaluation(gate_run: Path, tmp_path: Path) -> None:
+    """audit.leakage: drop changes data/audit/dropped_test.csv, which every evaluation reads (the gate's random
+    features make every test image a near copy, so the list is the whole test split: only DVC's status is
+    checked here; tests/test_audit_planted.py runs the evaluations on real photos)."""
+    copy = Path(shutil.copytree(gate_run, tmp_path / "copy", symlinks=True))
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["audit"]["leakage"] = "drop"
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(dvc(copy, "repro", "audit").stdout) - {"fetch"} == {"validate", "audit"}
+    status = json.loads(dvc(copy, "status", "--json").stdout)
+    stale = {
+        stage
+        for stage, changes in status.items()
+        if any(
+            "data/audit/dropped_test.csv" in (change.get("changed deps") or {})
+            for change in changes
+            if isinstance(change, dict)
+        )
+    }
+    assert stale == {"evaluate@resnet50", "evaluate@inception", "evaluate_model"}, status

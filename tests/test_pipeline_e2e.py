@@ -277,6 +277,7 @@ def set_params(project: Path, change: dict) -> None:
     [
         (["-S", "model=nonexistent"], {}, "model: 'nonexistent' is not a backbone"),
         (["-S", "train.epochs=-5"], {}, "train.epochs: must be between 1 and 10000, got -5"),
+        (["-S", "audit.backbone=vit"], {}, "audit.backbone: 'vit' is not a backbone; use one whose features"),
     ],
 )
 def test_a_parameter_mistake_costs_no_result(project: Path, set_option: list[str], edit: dict, message: str) -> None:

@@ -12,7 +12,6 @@ TensorFlow start-up per stage): enough to show that the shared weights load and 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import PROJECT_ROOT, SHARED_DIR, make_project, require_shared, run
+from tests.helpers import PROJECT_ROOT, SHARED_DIR, make_project, require_shared, run, stages_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
@@ -57,26 +56,6 @@ def real_project(root: Path, key: str, data_url: str, **backbone: object) -> Pat
     return make_project(root, {"data": {"url": data_url}, "backbones": {key: spec}, "model": key})
 
 
-def run_stages_in_process(project: Path, key: str) -> None:
-    """fetch, prepare and the stages evaluate@<key> needs, as `dvc repro` would run them, in this process:
-    the stages' own code without a TensorFlow start-up per stage (DVC's part is covered by the MobileNetV2
-    project and the end-to-end tests)."""
-    import importlib
-
-    calls = [("fetch",), ("prepare",), ("features", key), ("train", key), ("crossval", key), ("audit",)]
-    calls.append(("evaluate", key))
-    previous = Path.cwd()
-    os.chdir(project)
-    try:
-        for name, *args in calls:
-            try:
-                importlib.import_module(f"stages.{name}").main(*args)
-            except SystemExit as exit:
-                raise AssertionError(f"stage {name} {' '.join(args)} exited {exit.code}") from None
-    finally:
-        os.chdir(previous)
-
-
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     require_shared(ZIP, *WEIGHTS.values())
@@ -95,7 +74,18 @@ def real_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     vgg16 = real_project(
         root / "vgg16", "vgg16", subset_zip(ZIP, root / "subset.zip", SUBSET).as_uri(), precision="float32"
     )
-    run_stages_in_process(vgg16, "vgg16")
+    # Its stages' own code in this process, without a TensorFlow start-up per stage; DVC's part is covered
+    # by the MobileNetV2 project and the end-to-end tests.
+    stages_in_process(
+        vgg16,
+        ("fetch",),
+        ("prepare",),
+        ("features", "vgg16"),
+        ("train", "vgg16"),
+        ("crossval", "vgg16"),
+        ("audit",),
+        ("evaluate", "vgg16"),
+    )
     return {"mobilenet": mobilenet, "vgg16": vgg16}
 
 
