@@ -22,6 +22,7 @@ import yaml
 from tests.ci_gate import check_against_baseline
 from tests.helpers import dvc, run, stages_run
 from tests.test_dependencies import params_problems
+from tests.test_model_card import assert_card_matches_its_sources
 
 pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
 
@@ -90,6 +91,13 @@ def test_every_stage_writes_its_outputs(project: Path) -> None:
     tied = list(table["backbone"][table["verdict"] == "tied with best"])
     assert summary["tied_with_best"] == ", ".join(tied)
     assert summary["recommended"] in keys and summary["recommended_reason"].startswith(summary["recommended"])
+    audit = json.loads((project / "metrics/audit.json").read_text())
+    assert audit["audited_images"] == 90 and audit["label_issues_checked"] == 60
+    for listed in ("duplicates.csv", "leakage.csv", "label_issues.csv", "outliers.csv"):
+        assert (project / "reports/audit" / listed).is_file(), listed
+    card = (project / "reports/model_card.md").read_text()
+    assert json.loads((project / "data/raw/source.json").read_text())["sha256"] in card
+    assert_card_matches_its_sources(card, json.loads((project / "metrics/model.json").read_text()), audit)
 
 
 # Parameters a stage reads only in a configuration other than this test's.

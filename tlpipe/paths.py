@@ -36,6 +36,7 @@ CROSSVAL_METRICS_DIR = METRICS_DIR / "crossval"
 CROSSVAL_DIR = Path("reports/crossval")
 COMPARISON_DIR = Path("reports")
 AUDIT_METRICS = METRICS_DIR / "audit.json"
+MODEL_CARD = Path("reports/model_card.md")
 AUDIT_DIR = Path("reports/audit")
 # The test images every evaluation leaves out: those the audit found copied in train or val, when
 # audit.leakage is drop (else none). Under data/: a pipeline input to the evaluations, not a report.

@@ -1,0 +1,80 @@
+"""The model card (tlpipe/model_card.py): every number it shows is the one in the file it names."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import yaml
+
+from tests.helpers import PROJECT_ROOT
+from tlpipe.model_card import AUDIT_COUNTS, CALIBRATION_METRICS, TEST_METRICS, CardInputs, number, render
+
+GATE_METRICS = PROJECT_ROOT / "tests" / "gate" / "metrics"
+ROW = re.compile(r"^\| [^|]*\(`(\w+)`\) \| ([^|]+) \|", re.MULTILINE)
+
+
+def assert_card_matches_its_sources(card: str, metrics: dict[str, Any], audit: dict[str, Any]) -> None:
+    """Every table row of the card that names a metric key shows that key's value; every metric the card is
+    meant to show is there."""
+    shown = dict(ROW.findall(card))
+    expected = [key for key, _ in (*TEST_METRICS, *CALIBRATION_METRICS, *AUDIT_COUNTS)]
+    assert set(expected) <= shown.keys(), set(expected) - shown.keys()
+    for key, value in shown.items():
+        source = metrics if key in metrics else audit
+        assert key in source, f"the card shows {key}, which neither metrics file has"
+        assert value.strip() == number(source[key]), (key, value, source[key])
+
+
+def inputs(**changes: Any) -> CardInputs:
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    report = {
+        "classes": ["cats", "dogs"],
+        "counts": {"train": {"cats": 8, "dogs": 9}, "val": {"cats": 2, "dogs": 2}, "test": {"cats": 5, "dogs": 6}},
+        "total": 32,
+        "skipped": [],
+        "converted": [],
+    }
+    base = {
+        "params": params,
+        "source": {"url": "https://example.com/pets.zip", "sha256": "ab" * 32, "size": 1234},
+        "report": report,
+        "metrics": json.loads((GATE_METRICS / "model.json").read_text()),
+        "audit": json.loads((GATE_METRICS / "audit.json").read_text()),
+        "model_bytes": 3 * 2**20,
+    }
+    return CardInputs(**(base | changes))
+
+
+def test_every_number_on_the_card_is_the_one_in_its_source_file() -> None:
+    card_inputs = inputs()
+    card = render(card_inputs)
+    assert_card_matches_its_sources(card, card_inputs.metrics, card_inputs.audit)
+    assert "sha256 `" + "ab" * 32 + "`" in card and "https://example.com/pets.zip" in card
+    assert "| cats | 8 | 2 | 5 |" in card and "| dogs | 9 | 2 | 6 |" in card
+    assert f"On {card_inputs.metrics['n_test']} test images" in card and "3.0 MB" in card
+    assert "`EfficientNetB0` at 224 px" in card and "top 30 layers unfrozen" in card
+
+
+def test_a_wrong_number_would_be_caught() -> None:
+    card_inputs = inputs()
+    card = render(card_inputs).replace(f"| {number(card_inputs.metrics['accuracy'])} |", "| 0.5000 |", 1)
+    try:
+        assert_card_matches_its_sources(card, card_inputs.metrics, card_inputs.audit)
+    except AssertionError as error:
+        assert "accuracy" in str(error)
+    else:
+        raise AssertionError("a changed accuracy went unnoticed")
+
+
+def test_limitations_follow_the_audit_and_the_weights() -> None:
+    audit = json.loads((GATE_METRICS / "audit.json").read_text())
+    leaked = render(inputs(audit=audit | {"leaked_test_images": 3, "dropped_test_images": 0}))
+    assert "3 test images have a copy in train or val: the test metrics may be inflated" in leaked
+    dropped = render(inputs(audit=audit | {"leaked_test_images": 3, "dropped_test_images": 3}))
+    assert "may be inflated" not in dropped
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["backbones"]["effnet"]["weights"] = None
+    assert "randomly initialised (weights: null)" in render(inputs(params=params))
+    assert "randomly initialised" not in render(inputs())
