@@ -60,7 +60,8 @@ def test_exp_run_with_another_model_reruns_only_the_shipping_stages(project: Pat
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline results", "--allow-empty"], project)
     result = dvc(project, "exp", "run", "-S", "model=resnet50")
-    assert stages_run(result.stdout) - {"fetch"} == {"validate", "finetune", "ship", "evaluate_model", "aggregate"}
+    shipping = {"finetune", "ship", "evaluate_model", "model_card", "aggregate"}
+    assert stages_run(result.stdout) - {"fetch"} == {"validate", *shipping}
     assert json.loads((project / "metrics/model.json").read_text())["backbone"] == "resnet50"
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
     assert "metrics/model.json" in diff

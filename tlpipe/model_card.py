@@ -94,7 +94,9 @@ def model_section(inputs: CardInputs) -> str:
             f"- Backbone: `{spec['arch']}` at {spec['image_size']} px (`backbones.{key}`), weights: {weights}.",
             f"- Head (`train`): normalisation, dropout {train['dropout']}, "
             f"{layer}, "
-            f"class weights {train['class_weight'] or 'none'}; trained on the frozen features with early stopping.",
+            f"class weights {train['class_weight'] or 'none'}; trained on the frozen features for up to "
+            f"{train['epochs']} epochs (learning rate {train['learning_rate']}, batch size {train['batch_size']}, "
+            f"early stopping with patience {train['patience']}).",
             f"- Fine-tuning (`finetune`): top {finetune['unfreeze']} layers unfrozen, up to {finetune['epochs']} "
             f"epochs, learning rate {finetune['learning_rate']}, batch size {finetune['batch_size']}, "
             f"patience {finetune['patience']}, augmentation {finetune['augment']}; seed {params['seed']}.",
