@@ -3,8 +3,7 @@
 Needs ../shared (or SHARED_DIR): the zip and the VGG16 and MobileNetV2 weights; skipped, saying where they are
 expected, without them. MobileNetV2 runs the whole study (2,000 training and 1,000 test images). VGG16 costs
 about twenty times as much per image, more than a CI run can spend on a CPU without AVX-512, so it runs on a
-fixed subset of the same zip (SUBSET images per class and split), its stages run in this process (no
-TensorFlow start-up per stage): enough to show that the shared weights load and carry ImageNet features
+fixed subset of the same zip (SUBSET images per class and split): enough to show that the shared weights load and carry ImageNet features
 (random weights score near 0.6 here). Its full-data accuracy (0.979) is measured by
 `python -m benchmarks.benchmark` and reported in README.md.
 """
@@ -12,14 +11,13 @@ TensorFlow start-up per stage): enough to show that the shared weights load and 
 from __future__ import annotations
 
 import json
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import PROJECT_ROOT, SHARED_DIR, make_project, require_shared, run, stages_in_process
+from tests.helpers import PROJECT_ROOT, SHARED_DIR, make_project, require_shared, stages_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
@@ -56,11 +54,26 @@ def real_project(root: Path, key: str, data_url: str, **backbone: object) -> Pat
     return make_project(root, {"data": {"url": data_url}, "backbones": {key: spec}, "model": key})
 
 
+def stages_to_evaluate(key: str) -> list[tuple[str, ...]]:
+    """The stages `dvc repro evaluate@<key>` runs, in its order."""
+    return [
+        ("fetch",),
+        ("prepare",),
+        ("features", key),
+        ("train", key),
+        ("crossval", key),
+        ("audit",),
+        ("evaluate", key),
+    ]
+
+
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both run their stages' own code in this process, without a TensorFlow start-up per stage; what DVC
+    adds is checked by the end-to-end tests."""
     require_shared(ZIP, *WEIGHTS.values())
     root = tmp_path_factory.mktemp("real")
-    # The whole study at the shipped settings (precision included), the sha256 pin checked, through DVC.
+    # The whole study at the shipped settings (precision included), the sha256 pin checked.
     mobilenet = make_project(
         root / "mobilenet",
         {
@@ -69,23 +82,12 @@ def real_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "model": "mobilenet",
         },
     )
-    run([sys.executable, "-m", "dvc", "repro", "evaluate@mobilenet"], mobilenet)
+    stages_in_process(mobilenet, *stages_to_evaluate("mobilenet"))
     # float32: where the CPU has no bfloat16 arithmetic, emulated bfloat16 is slower still.
     vgg16 = real_project(
         root / "vgg16", "vgg16", subset_zip(ZIP, root / "subset.zip", SUBSET).as_uri(), precision="float32"
     )
-    # Its stages' own code in this process, without a TensorFlow start-up per stage; DVC's part is covered
-    # by the MobileNetV2 project and the end-to-end tests.
-    stages_in_process(
-        vgg16,
-        ("fetch",),
-        ("prepare",),
-        ("features", "vgg16"),
-        ("train", "vgg16"),
-        ("crossval", "vgg16"),
-        ("audit",),
-        ("evaluate", "vgg16"),
-    )
+    stages_in_process(vgg16, *stages_to_evaluate("vgg16"))
     return {"mobilenet": mobilenet, "vgg16": vgg16}
 
 
