@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from tlpipe import audit
-from tlpipe.datasets import read_classes, read_manifest
+from tlpipe.datasets import SPLITS, read_classes, read_manifest
 from tlpipe.errors import PipelineError, stage_main
 from tlpipe.feature_cache import load_features
 from tlpipe.files import atomic_path, write_json
@@ -41,8 +41,9 @@ def write_csv(table: pd.DataFrame, name: str) -> None:
 
 
 def features_in_order(key: str) -> np.ndarray:
+    """The cached features in audit.Images' order (SPLITS, each in manifest order)."""
     features = load_features(key)
-    return np.concatenate([features[f"x_{split}"] for split in ("train", "val", "test")])
+    return np.concatenate([features[f"x_{split}"] for split in SPLITS])
 
 
 def duplicates_grid(pairs: pd.DataFrame, classes: list[str]) -> None:
@@ -155,9 +156,9 @@ def main() -> None:
     write_csv(outliers, "outliers.csv")
     outliers_grid(outliers, classes)
 
-    dropped = [path for path, leaked in zip(images.paths, duplicates.leaked) if leaked]
-    if settings["leakage"] != "drop":
-        dropped = []
+    dropped = []
+    if settings["leakage"] == "drop":
+        dropped = [path for path, leaked in zip(images.paths, duplicates.leaked) if leaked]
     with atomic_path(DROPPED_TEST) as tmp:
         pd.DataFrame({"path": dropped}).to_csv(tmp, index=False)
     counts = {

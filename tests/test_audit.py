@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import PROJECT_ROOT
+from tests.helpers import PROJECT_ROOT, stages_in_process
 from tlpipe import audit
 from tlpipe.datasets import scored_test_rows
 from tlpipe.errors import PipelineError
@@ -246,27 +246,9 @@ def planted_leaks(project: Path) -> list[str]:
     return list(manifest[manifest["split"] == "test"]["path"][:2])
 
 
-def run_stage(
-    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *argv: str
-) -> tuple[int, str]:
-    import importlib
-
-    monkeypatch.chdir(project)
-    name = argv[0] if argv else "audit"
-    module = importlib.import_module(f"stages.{name}")
-    try:
-        module.main(*argv[1:])
-        code = 0
-    except SystemExit as exit:
-        code = int(exit.code)
-    return code, capsys.readouterr().err
-
-
-def test_the_audit_stage_reports_planted_leaks_label_errors_and_outliers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def test_the_audit_stage_reports_planted_leaks_label_errors_and_outliers(tmp_path: Path) -> None:
     project = prepared_project(tmp_path)
-    code, err = run_stage(project, monkeypatch, capsys)
+    code, err = stages_in_process(project, ("audit",), check=False)
     assert code == 0, err
     counts = json.loads((project / "metrics" / "audit.json").read_text())
     assert counts["audited_images"] == 44 and counts["label_issues_checked"] == 32
@@ -285,24 +267,21 @@ def test_the_audit_stage_reports_planted_leaks_label_errors_and_outliers(
     assert "random weights" in err and "2 test images with a copy in train/val" in err
 
 
-def test_leakage_drop_leaves_the_leaked_test_images_out_of_every_evaluation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def test_leakage_drop_leaves_the_leaked_test_images_out_of_every_evaluation(tmp_path: Path) -> None:
     project = prepared_project(tmp_path, leakage="drop")
-    code, err = run_stage(project, monkeypatch, capsys)
+    code, err = stages_in_process(project, ("audit",), check=False)
     assert code == 0, err
     dropped = pd.read_csv(project / "data" / "audit" / "dropped_test.csv")["path"].tolist()
     assert dropped == planted_leaks(project)
     assert json.loads((project / "metrics" / "audit.json").read_text())["dropped_test_images"] == 2
-    rows, kept = scored_test_rows(pd.read_csv(project / "data" / "prepared" / "manifest.csv"))
+    manifest = pd.read_csv(project / "data" / "prepared" / "manifest.csv")
+    rows, kept = scored_test_rows(manifest, project / "data" / "audit" / "dropped_test.csv")
     assert len(rows) == 10 and kept.tolist() == [False, False] + [True] * 10
 
 
-def test_leakage_fail_stops_with_one_line_after_writing_the_reports(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def test_leakage_fail_stops_with_one_line_after_writing_the_reports(tmp_path: Path) -> None:
     project = prepared_project(tmp_path, leakage="fail")
-    code, err = run_stage(project, monkeypatch, capsys)
+    code, err = stages_in_process(project, ("audit",), check=False)
     assert code == 1
     error = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "audit.leakage is fail and 2 test images have a copy in train or val" in error[0]
@@ -310,15 +289,13 @@ def test_leakage_fail_stops_with_one_line_after_writing_the_reports(
     assert len(pd.read_csv(project / "reports" / "audit" / "leakage.csv")) == 2
 
 
-def test_a_dataset_too_small_to_fold_skips_label_issues_and_audits_the_rest(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def test_a_dataset_too_small_to_fold_skips_label_issues_and_audits_the_rest(tmp_path: Path) -> None:
     project = prepared_project(tmp_path, per_class={"train": 3, "val": 1, "test": 2})
-    code, err = run_stage(project, monkeypatch, capsys, "crossval", "k")
+    code, err = stages_in_process(project, ("crossval", "k"), check=False)
     assert code == 0, err
     assert "k: cross-validation skipped: crossval.folds: 5 folds need at least 5 images" in err
     assert json.loads((project / "metrics" / "crossval" / "k.json").read_text()) == {}
-    code, err = run_stage(project, monkeypatch, capsys)
+    code, err = stages_in_process(project, ("audit",), check=False)
     assert code == 0, err
     assert "audit: label issues skipped: crossval@k had too few images per class to fold" in err
     counts = json.loads((project / "metrics" / "audit.json").read_text())

@@ -46,7 +46,6 @@ LABEL_ISSUE_COLUMNS = [
     "suggested_probability",
     "is_label_issue",
 ]
-PAIR_COLUMNS = ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "kind", "similarity"]
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,7 @@ def strongest(hits: np.ndarray, similarity: np.ndarray, per_row: int) -> np.ndar
 
 @dataclass(frozen=True)
 class Duplicates:
-    pairs: pd.DataFrame  # PAIR_COLUMNS: exact pairs first, then near ones by similarity
+    pairs: pd.DataFrame  # path, split and label of a and b, kind, similarity: exact first, then near by similarity
     counts: dict[str, int]  # exact and near duplicate pairs, within and across splits; leaked test images
     leaked: np.ndarray  # per image: a test image with an exact or near duplicate in train or val
 
@@ -315,8 +314,7 @@ def out_of_fold_probabilities(
     if missing:
         raise PipelineError(f"{source} lacks columns {missing}; rerun dvc repro crossval")
     by_path = table.set_index("path")[columns]
-    wanted = images.paths
-    absent = [path for path in wanted if path not in by_path.index]
+    absent = [path for path in images.paths if path not in by_path.index]
     if absent:
         raise PipelineError(f"{source} has no row for {absent[0]} ({len(absent)} missing); rerun dvc repro crossval")
-    return by_path.loc[wanted].to_numpy(dtype=np.float64)
+    return by_path.loc[images.paths].to_numpy(dtype=np.float64)
