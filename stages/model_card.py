@@ -1,5 +1,6 @@
 """Stage model_card: reports/model_card.md for the shipped model, from the pipeline's own outputs (see
-tlpipe/model_card.py). DVC regenerates it whenever the model, its metrics, the data or the audit change."""
+tlpipe/model_card.py). DVC regenerates it whenever the model, its metrics, its exports, the data or the audit
+change."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from tlpipe.errors import stage_main
 from tlpipe.files import read_json, write_text
 from tlpipe.model_card import CardInputs, render
 from tlpipe.params import load_params
-from tlpipe.paths import AUDIT_METRICS, MODEL_CARD, REPORT, SHIPPED_MODEL, SHIPPED_NAME, SOURCE_RECORD, metrics_file
+from tlpipe.paths import AUDIT_METRICS, EXPORT_METRICS, MODEL_CARD, REPORT, SHIPPED_NAME, SOURCE_RECORD, metrics_file
 
 
 @stage_main
@@ -18,7 +19,7 @@ def main() -> None:
         report=read_json(REPORT),
         metrics=read_json(metrics_file(SHIPPED_NAME)),
         audit=read_json(AUDIT_METRICS),
-        model_bytes=SHIPPED_MODEL.stat().st_size,
+        exports=read_json(EXPORT_METRICS),
     )
     write_text(MODEL_CARD, render(inputs))
     print(f"model card -> {MODEL_CARD}")

@@ -9,15 +9,31 @@ from typing import Any
 import yaml
 
 from tests.helpers import PROJECT_ROOT
+from tlpipe.export import FORMATS
 from tlpipe.model_card import AUDIT_COUNTS, CALIBRATION_METRICS, TEST_METRICS, CardInputs, number, render
 
 GATE_METRICS = PROJECT_ROOT / "tests" / "gate" / "metrics"
 ROW = re.compile(r"^\| [^|]*\(`(\w+)`\) \| ([^|]+) \|", re.MULTILINE)
+FORMAT_ROW = re.compile(r"^\| `((?:models|exports)/[^`]+)` \|(.*)$", re.MULTILINE)
+FORMAT_FILES = {f"exports/{spec.path}": name for name, spec in FORMATS.items()}
 
 
-def assert_card_matches_its_sources(card: str, metrics: dict[str, Any], audit: dict[str, Any]) -> None:
+def assert_card_matches_its_sources(
+    card: str, metrics: dict[str, Any], audit: dict[str, Any], exports: dict[str, Any]
+) -> None:
     """Every table row of the card that names a metric key shows that key's value; every metric the card is
-    meant to show is there."""
+    meant to show is there; every format in metrics/export.json has its row, or its reason for failing."""
+    formats = dict(FORMAT_ROW.findall(card))
+    kept = {name for name in exports if isinstance(exports[name], dict) and name != "failed"} - exports["failed"].keys()
+    assert {("keras" if file == "models/model.keras" else FORMAT_FILES[file]) for file in formats} == kept
+    for file, cells in formats.items():
+        scores = exports["keras" if file == "models/model.keras" else FORMAT_FILES[file]]
+        size, accuracy, agreement, difference, latency = [cell.strip() for cell in cells.split("|")[2:7]]
+        assert size == f"{scores['size_bytes'] / 2**20:.1f} MB" and latency == f"{scores['latency_ms_p50']:.1f} ms"
+        expected = [number(scores[key]) for key in ("accuracy", "agreement", "max_probability_difference")]
+        assert [accuracy, agreement, difference] == expected, file
+    for name, reason in exports["failed"].items():
+        assert f"- `{name}` was not exported: {reason}" in card
     shown = dict(ROW.findall(card))
     expected = [key for key, _ in (*TEST_METRICS, *CALIBRATION_METRICS, *AUDIT_COUNTS)]
     assert set(expected) <= shown.keys(), set(expected) - shown.keys()
@@ -42,7 +58,7 @@ def inputs(**changes: Any) -> CardInputs:
         "report": report,
         "metrics": json.loads((GATE_METRICS / "model.json").read_text()),
         "audit": json.loads((GATE_METRICS / "audit.json").read_text()),
-        "model_bytes": 3 * 2**20,
+        "exports": json.loads((GATE_METRICS / "export.json").read_text()),
     }
     return CardInputs(**(base | changes))
 
@@ -50,10 +66,10 @@ def inputs(**changes: Any) -> CardInputs:
 def test_every_number_on_the_card_is_the_one_in_its_source_file() -> None:
     card_inputs = inputs()
     card = render(card_inputs)
-    assert_card_matches_its_sources(card, card_inputs.metrics, card_inputs.audit)
+    assert_card_matches_its_sources(card, card_inputs.metrics, card_inputs.audit, card_inputs.exports)
     assert "sha256 `" + "ab" * 32 + "`" in card and "https://example.com/pets.zip" in card
     assert "| cats | 8 | 2 | 5 |" in card and "| dogs | 9 | 2 | 6 |" in card
-    assert f"On {card_inputs.metrics['n_test']} test images" in card and "3.0 MB" in card
+    assert f"On {card_inputs.metrics['n_test']} test images" in card and "models/model.keras` | Keras 3" in card
     assert "`EfficientNetB0` at 224 px" in card and "top 30 layers unfrozen" in card
 
 
@@ -61,7 +77,7 @@ def test_a_wrong_number_would_be_caught() -> None:
     card_inputs = inputs()
     card = render(card_inputs).replace(f"| {number(card_inputs.metrics['accuracy'])} |", "| 0.5000 |", 1)
     try:
-        assert_card_matches_its_sources(card, card_inputs.metrics, card_inputs.audit)
+        assert_card_matches_its_sources(card, card_inputs.metrics, card_inputs.audit, card_inputs.exports)
     except AssertionError as error:
         assert "accuracy" in str(error)
     else:

@@ -60,9 +60,11 @@ def test_exp_run_with_another_model_reruns_only_the_shipping_stages(project: Pat
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline results", "--allow-empty"], project)
     result = dvc(project, "exp", "run", "-S", "model=resnet50")
-    shipping = {"finetune", "ship", "evaluate_model", "model_card", "aggregate"}
+    shipping = {"finetune", "ship", "evaluate_model", "export", "model_card", "aggregate"}
     assert stages_run(result.stdout) - {"fetch"} == {"validate", *shipping}
     assert json.loads((project / "metrics/model.json").read_text())["backbone"] == "resnet50"
+    exports = json.loads((project / "metrics/export.json").read_text())
+    assert exports["backbone"] == "resnet50" and exports["failed"] == {} and exports["tflite"]["agreement"] == 1.0
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
     assert "metrics/model.json" in diff
 
@@ -86,4 +88,4 @@ def test_a_changed_list_of_dropped_test_images_reruns_every_evaluation(gate_run:
             if isinstance(change, dict)
         )
     }
-    assert stale == {"evaluate@resnet50", "evaluate@inception", "evaluate_model"}, status
+    assert stale == {"evaluate@resnet50", "evaluate@inception", "evaluate_model", "export"}, status

@@ -97,7 +97,13 @@ def test_every_stage_writes_its_outputs(project: Path) -> None:
         assert (project / "reports/audit" / listed).is_file(), listed
     card = (project / "reports/model_card.md").read_text()
     assert json.loads((project / "data/raw/source.json").read_text())["sha256"] in card
-    assert_card_matches_its_sources(card, json.loads((project / "metrics/model.json").read_text()), audit)
+    model, exports = (json.loads((project / f"metrics/{name}.json").read_text()) for name in ("model", "export"))
+    assert_card_matches_its_sources(card, model, audit, exports)
+    # The gate exports what tests/gate/params.yaml asks for; each runs in its runtime and agrees with .keras.
+    assert exports["failed"] == {} and exports["n_test"] == 30 and exports["keras"]["accuracy"] == model["accuracy"]
+    for name in ("saved_model", "tflite"):
+        assert exports[name]["agreement"] == 1.0 and exports[name]["max_probability_difference"] <= 1e-5, name
+    assert sorted(p.name for p in (project / "exports").iterdir()) == ["labels.json", "model.tflite", "saved_model"]
 
 
 # Parameters a stage reads only in a configuration other than this test's.

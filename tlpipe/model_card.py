@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tlpipe.export import FORMATS
+from tlpipe.paths import EXPORTS_DIR, SHIPPED_MODEL
+
 # (key in metrics/model.json, what it is); each shown with its interval where the file has one.
 TEST_METRICS = (
     ("accuracy", "accuracy"),
@@ -45,7 +48,7 @@ class CardInputs:
     report: dict[str, Any]  # data/prepared/report.json
     metrics: dict[str, Any]  # metrics/model.json
     audit: dict[str, Any]  # metrics/audit.json
-    model_bytes: int  # size of models/model.keras
+    exports: dict[str, Any]  # metrics/export.json
 
 
 def render(inputs: CardInputs) -> str:
@@ -56,7 +59,7 @@ def render(inputs: CardInputs) -> str:
         metrics_section(inputs.metrics, inputs.params["stats"]["confidence"]),
         calibration_section(inputs.metrics),
         audit_section(inputs.audit, inputs.params["audit"]),
-        formats_section(inputs.model_bytes),
+        formats_section(inputs.exports),
         use_section(inputs),
     ]
     return "\n\n".join(sections) + "\n"
@@ -180,18 +183,36 @@ def audit_section(audit: dict[str, Any], settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def formats_section(model_bytes: int) -> str:
-    return "\n".join(
-        [
-            "## Formats",
-            "",
-            "| format | file | size |",
-            "|---|---|---:|",
-            f"| Keras 3 (`.keras`) | `models/model.keras` | {model_bytes / 2**20:.1f} MB |",
-            "",
-            "Other formats (SavedModel, TFLite, ONNX) are not exported by this pipeline yet.",
-        ]
-    )
+def formats_section(exports: dict[str, Any]) -> str:
+    """The shipped model and each export: where it is, how big, and how it agrees with the .keras model on
+    the test images, each run by its own runtime (`metrics/export.json`)."""
+    lines = [
+        "## Formats",
+        "",
+        f"Each export takes what `models/model.keras` takes (raw RGB pixels, 0..255, any size) and was run by "
+        f"its own runtime over the {exports['n_test']} test images (`metrics/export.json`). Agreement is the "
+        "share of images whose top class equals the `.keras` model's; latency is one image on the machine "
+        "that ran the pipeline.",
+        "",
+        "| file | format | runtime | size | accuracy | agreement | max probability difference | latency p50 |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = [("keras", str(SHIPPED_MODEL), "Keras 3 (`.keras`)", "Keras")] + [
+        (name, f"{EXPORTS_DIR}/{spec.path}", spec.title, spec.runtime)
+        for name, spec in FORMATS.items()
+        if name in exports and name not in exports["failed"]
+    ]
+    for name, file, title, runtime in rows:
+        scores = exports[name]
+        lines.append(
+            f"| `{file}` | {title} | {runtime} | {scores['size_bytes'] / 2**20:.1f} MB | {number(scores['accuracy'])} "
+            f"| {number(scores['agreement'])} | {number(scores['max_probability_difference'])} "
+            f"| {scores['latency_ms_p50']:.1f} ms |"
+        )
+    if exports["failed"]:
+        lines += ["", *(f"- `{name}` was not exported: {reason}" for name, reason in exports["failed"].items())]
+    lines += ["", f"Class names and the calibrating temperature: `{EXPORTS_DIR}/labels.json`."]
+    return "\n".join(lines)
 
 
 def use_section(inputs: CardInputs) -> str:

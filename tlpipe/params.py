@@ -30,6 +30,7 @@ RESERVED_KEYS = {
     "plots",
     "crossval",
     "audit",
+    "export",
 }  # names of files and folders beside metrics/<key>.json
 
 Check = Callable[[Any], "str | None"]  # returns what is wrong, or None
@@ -166,6 +167,7 @@ SCHEMA: dict[str, Any] = {
         "near_duplicate_threshold": _float(0.0, 1.0, include_low=False),
         "leakage": _choice("report", "drop", "fail"),
     },
+    "export": {"formats": None, "latency_runs": _int(1, 10000)},  # formats: checked by _check_formats
     "regression": _regression,
 }
 OPTIONAL_SECTIONS: set[str] = set()
@@ -247,6 +249,26 @@ def _check_backbones(backbones: Any, root: Path, problems: list[str]) -> None:
             )
 
 
+# What the export stage can write (tlpipe/export.py FORMATS describes each); here so that validating stays light.
+EXPORT_FORMATS = ("saved_model", "tflite", "tflite_int8", "tflite_float16", "onnx")
+
+
+def _check_formats(export: Any, problems: list[str]) -> None:
+    formats = export.get("formats") if isinstance(export, dict) else None
+    if formats is None and not (isinstance(export, dict) and "formats" in export):
+        return  # a missing section or key is reported by _check_section
+    if not isinstance(formats, list) or not formats:
+        problems.append(
+            f"export.formats: must be a list of one or more of {', '.join(EXPORT_FORMATS)}, got {formats!r}"
+        )
+        return
+    for name in formats:
+        if name not in EXPORT_FORMATS:
+            problems.append(f"export.formats: unknown format {name!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    if len(set(map(str, formats))) < len(formats):
+        problems.append("export.formats: names a format twice")
+
+
 def validate(params: Any, root: Path = Path(".")) -> list[str]:
     """All problems with `params`, one message each; empty when it is valid."""
     if not isinstance(params, dict):
@@ -259,6 +281,7 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
     backbones = params.get("backbones")
     if isinstance(backbones, dict) and "model" in params and params["model"] not in backbones:
         problems.append(f"model: {params['model']!r} is not a backbone; valid: {', '.join(map(str, backbones))}")
+    _check_formats(params.get("export"), problems)
     audit = params.get("audit")
     if isinstance(backbones, dict) and isinstance(audit, dict) and "backbone" in audit:
         if audit["backbone"] not in backbones:

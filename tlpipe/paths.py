@@ -37,6 +37,9 @@ CROSSVAL_DIR = Path("reports/crossval")
 COMPARISON_DIR = Path("reports")
 AUDIT_METRICS = METRICS_DIR / "audit.json"
 MODEL_CARD = Path("reports/model_card.md")
+# The shipped model in the formats of params.yaml `export.formats`, and how each agrees with it.
+EXPORTS_DIR = Path("exports")
+EXPORT_METRICS = METRICS_DIR / "export.json"
 AUDIT_DIR = Path("reports/audit")
 # The test images every evaluation leaves out: those the audit found copied in train or val, when
 # audit.leakage is drop (else none). Under data/: a pipeline input to the evaluations, not a report.

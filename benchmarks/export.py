@@ -1,0 +1,128 @@
+"""Every default backbone's shipped model in every export format: `python -m benchmarks.export`.
+
+For each backbone of params.yaml (ImageNet weights where ../shared has them, random otherwise: the same
+graph and compute), it builds the model `finetune` ships (tlpipe.finetuning.ship_model) with a head fitted
+on nothing (random), converts it to every format of tlpipe/export.py, and measures in this process:
+- conversion time, and size on disk;
+- agreement and the largest probability difference against the .keras model over real test images of the
+  shared zip, each format run by its own runtime (accuracy needs a trained head: the pipeline's
+  metrics/export.json has it);
+- single-image latency p50 and p95 on one real test image, and its ratio to the .keras model's, measured in
+  the same run.
+It prints one Markdown table (benchmarks/README.md "Export" holds the last one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.benchmark import PROJECT_ROOT, backbones_with_offline_weights
+from tlpipe import export
+from tlpipe.params import EXPORT_FORMATS
+
+AUGMENT = {"flip": True, "rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}
+
+
+def test_images(shared: Path, n: int) -> list[np.ndarray]:
+    """The first n validation images of the shared zip (cats and dogs alternating), as float32 RGB."""
+    from PIL import Image
+
+    with zipfile.ZipFile(shared / "data" / "cats_and_dogs_filtered.zip") as archive:
+        names = sorted(name for name in archive.namelist() if "/validation/" in name and name.endswith(".jpg"))
+        cats, dogs = [name for name in names if "/cats/" in name], [name for name in names if "/dogs/" in name]
+        chosen = [name for pair in zip(cats, dogs) for name in pair][:n]
+        return [
+            np.asarray(Image.open(io.BytesIO(archive.read(name))).convert("RGB"), dtype=np.float32) for name in chosen
+        ]
+
+
+def shipped_model(spec: dict[str, Any]) -> Any:
+    from tlpipe.backbones import build_base
+    from tlpipe.finetuning import ship_model
+    from tlpipe.models import build_head
+
+    base = build_base(spec["arch"], spec["image_size"], spec["weights"])
+    features = np.random.default_rng(0).normal(size=(16, base.output_shape[-1])).astype(np.float32)
+    head = build_head(features, 2, 0.2, 0)
+    return ship_model("b", spec, head, AUGMENT, 0)[0]
+
+
+def measure(key: str, spec: dict[str, Any], images: list[np.ndarray], runs: int) -> list[dict[str, Any]]:
+    from tlpipe.prediction import classifier_function
+
+    model = shipped_model(spec)
+    keras_run = classifier_function(model, len(images))
+    reference = np.array([keras_run(image) for image in images])
+    keras_latency = export.latency_ms(keras_run, images[0], runs)
+    rows = [
+        {"backbone": key, "format": "keras", "weights": "imagenet" if spec["weights"] else "random"} | keras_latency
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        for name in EXPORT_FORMATS:
+            started = time.perf_counter()
+            failed = export.export_formats(model, [name], Path(folder))
+            row: dict[str, Any] = {
+                "backbone": key,
+                "format": name,
+                "convert_s": round(time.perf_counter() - started, 1),
+            }
+            if failed:
+                rows.append(row | {"failed": failed[name]})
+                continue
+            path = Path(folder) / export.FORMATS[name].path
+            run = export.load_runner(name, path)
+            scores = export.parity(reference, np.array([run(image) for image in images]), reference.argmax(axis=1))
+            row |= {k: scores[k] for k in ("agreement", "max_probability_difference")}
+            row |= {"size_mb": round(export.artifact_size(path) / 2**20, 1)} | export.latency_ms(run, images[0], runs)
+            row["latency_vs_keras"] = round(row["latency_ms_p50"] / keras_latency["latency_ms_p50"], 2)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    columns = [
+        "backbone",
+        "format",
+        "convert_s",
+        "size_mb",
+        "agreement",
+        "max_probability_difference",
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "latency_vs_keras",
+        "failed",
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--shared", type=Path, default=Path(os.environ.get("SHARED_DIR", PROJECT_ROOT.parent / "shared"))
+    )
+    parser.add_argument("--images", type=int, default=200, help="test images for agreement")
+    parser.add_argument("--runs", type=int, default=50, help="timed single-image calls per format")
+    parser.add_argument("--only", nargs="*", help="backbone keys (default: all of params.yaml)")
+    args = parser.parse_args()
+    images = test_images(args.shared, args.images)
+    rows = []
+    for key, spec in backbones_with_offline_weights(args.shared).items():
+        if not args.only or key in args.only:
+            rows += measure(key, spec, images, args.runs)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
