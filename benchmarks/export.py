@@ -9,7 +9,10 @@ on nothing (random), converts it to every format of tlpipe/export.py, and measur
   metrics/export.json has it);
 - single-image latency p50 and p95 on one real test image, and its ratio to the .keras model's, measured in
   the same run.
-It prints one Markdown table (benchmarks/README.md "Export" holds the last one).
+It also measures each backbone's deployment cost as the pipeline's comparison reports it
+(tlpipe.extraction.deployment_cost on the float32 base: size on disk, single-image latency), with its
+parameters and its in-memory batch throughput (batches of 32, float32).
+It prints two Markdown tables (benchmarks/README.md "Export" holds the last ones).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 
 from benchmarks.benchmark import PROJECT_ROOT, backbones_with_offline_weights
 from tlpipe import export
+from tlpipe.latency import latency_ms
 from tlpipe.params import EXPORT_FORMATS
 
 AUGMENT = {"flip": True, "rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}
@@ -56,13 +60,36 @@ def shipped_model(spec: dict[str, Any]) -> Any:
     return ship_model("b", spec, head, AUGMENT, 0)[0]
 
 
+def deployment(key: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The comparison's deployment columns for one backbone, and its batch throughput in memory."""
+    from tlpipe.extraction import base_forward, deployment_cost, load_extractor
+
+    extractor, n_params = load_extractor(key, spec)
+    cost = deployment_cost(extractor, spec["image_size"], 1000)
+    forward = base_forward(extractor, spec["image_size"], 1000)
+    batch = np.random.default_rng(0).uniform(0, 255, (32, spec["image_size"], spec["image_size"], 3)).astype(np.float32)
+    forward(batch)
+    started = time.perf_counter()
+    for _ in range(5):
+        forward(batch)
+    return {
+        "backbone": key,
+        "weights": "imagenet" if spec["weights"] else "random",
+        "params_m": round(n_params / 1e6, 1),
+        "base_mb": round(cost["base_bytes"] / 2**20, 1),
+        "latency_ms_p50": cost["latency_ms_p50"],
+        "latency_ms_p95": cost["latency_ms_p95"],
+        "batch_images_per_s": round(5 * len(batch) / (time.perf_counter() - started), 1),
+    }
+
+
 def measure(key: str, spec: dict[str, Any], images: list[np.ndarray], runs: int) -> list[dict[str, Any]]:
     from tlpipe.prediction import classifier_function
 
     model = shipped_model(spec)
     keras_run = classifier_function(model, len(images))
     reference = np.array([keras_run(image) for image in images])
-    keras_latency = export.latency_ms(keras_run, images[0], runs)
+    keras_latency = latency_ms(keras_run, images[0], runs)
     rows = [
         {"backbone": key, "format": "keras", "weights": "imagenet" if spec["weights"] else "random"} | keras_latency
     ]
@@ -82,26 +109,28 @@ def measure(key: str, spec: dict[str, Any], images: list[np.ndarray], runs: int)
             run = export.load_runner(name, path)
             scores = export.parity(reference, np.array([run(image) for image in images]), reference.argmax(axis=1))
             row |= {k: scores[k] for k in ("agreement", "max_probability_difference")}
-            row |= {"size_mb": round(export.artifact_size(path) / 2**20, 1)} | export.latency_ms(run, images[0], runs)
+            row |= {"size_mb": round(export.artifact_size(path) / 2**20, 1)} | latency_ms(run, images[0], runs)
             row["latency_vs_keras"] = round(row["latency_ms_p50"] / keras_latency["latency_ms_p50"], 2)
             rows.append(row)
             print(row, flush=True)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    columns = [
-        "backbone",
-        "format",
-        "convert_s",
-        "size_mb",
-        "agreement",
-        "max_probability_difference",
-        "latency_ms_p50",
-        "latency_ms_p95",
-        "latency_vs_keras",
-        "failed",
-    ]
+FORMAT_COLUMNS = [
+    "backbone",
+    "format",
+    "convert_s",
+    "size_mb",
+    "agreement",
+    "max_probability_difference",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "latency_vs_keras",
+    "failed",
+]
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
@@ -117,11 +146,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="backbone keys (default: all of params.yaml)")
     args = parser.parse_args()
     images = test_images(args.shared, args.images)
-    rows = []
+    rows, costs = [], []
     for key, spec in backbones_with_offline_weights(args.shared).items():
         if not args.only or key in args.only:
+            costs.append(deployment(key, spec))
+            print(costs[-1], flush=True)
             rows += measure(key, spec, images, args.runs)
-    print(markdown(rows))
+    print(markdown(costs, list(costs[0])))
+    print()
+    print(markdown(rows, FORMAT_COLUMNS))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Stage aggregate: one table of every backbone, ranked by test accuracy, each row compared with the best
 on the same test images (paired bootstrap interval, McNemar's exact p), and the recommended backbone.
 
-Writes metrics/summary.json, reports/comparison.{md,csv} and the chart reports/comparison.png.
+Writes metrics/summary.json, reports/comparison.{md,csv} and the charts reports/comparison.png and
+reports/pareto.png (accuracy against single-image latency).
 """
 
 from __future__ import annotations
 
-from tlpipe.comparison import chart, comparison_table, markdown, summary
+from tlpipe.comparison import chart, comparison_table, markdown, pareto_chart, summary
 from tlpipe.errors import stage_main
 from tlpipe.files import atomic_path, write_json, write_text
 from tlpipe.params import load_params
@@ -21,6 +22,7 @@ def main() -> None:
         table.to_csv(tmp, index=False)
     write_text(COMPARISON_DIR / "comparison.md", markdown(table, params))
     chart(table, COMPARISON_DIR / "comparison.png", params)
+    pareto_chart(table, COMPARISON_DIR / "pareto.png")
     write_json(SUMMARY_METRICS, summary(table, params))
     print(markdown(table, params))
 

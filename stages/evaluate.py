@@ -41,7 +41,7 @@ def main(key: str) -> None:
         features["y_test"],
         probabilities["test"],
         classes,
-        {"params": meta["params"], "images_per_second": meta["images_per_second"]},
+        {"params": meta["params"], "images_per_second": meta["images_per_second"]} | deployment(key, meta),
         params["stats"],
         params["seed"],
         calibration(features["y_val"], probabilities["val"], params["stats"]["calibration_alpha"]),
@@ -52,6 +52,17 @@ def main(key: str) -> None:
             file=sys.stderr,
         )
     print(f"{key}: {headline(scores)}", file=sys.stderr)
+
+
+def deployment(key: str, meta: dict) -> dict:
+    """The base's size and single-image latency (features@<key>) with the head's file: what the backbone
+    costs where it ships."""
+    base_bytes = meta.get("base_bytes")
+    return {
+        "size_bytes": None if base_bytes is None else base_bytes + head_model(key).stat().st_size,
+        "latency_ms_p50": meta.get("latency_ms_p50"),
+        "latency_ms_p95": meta.get("latency_ms_p95"),
+    }
 
 
 if __name__ == "__main__":

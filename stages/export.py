@@ -22,13 +22,13 @@ from tlpipe.export import (
     artifact_size,
     export_formats,
     failure_reason,
-    latency_ms,
     load_runner,
     parity,
     parity_problem,
     run_all,
 )
 from tlpipe.files import atomic_dir, write_json
+from tlpipe.latency import latency_ms
 from tlpipe.params import load_params
 from tlpipe.paths import EXPORT_METRICS, EXPORTS_DIR, SHIPPED_LABELS, SHIPPED_MODEL
 from tlpipe.prediction import classifier_function, load_classifier, read_pixels
@@ -40,7 +40,7 @@ KERAS = "keras"
 @stage_main
 def main() -> None:
     params = load_params()
-    names, runs = params["export"]["formats"], params["export"]["latency_runs"]
+    names = params["export"]["formats"]
     model, _ = load_classifier(SHIPPED_MODEL)
     test_rows, _ = scored_test_rows(read_manifest())
     paths, y_true = [Path(p) for p in test_rows["path"]], test_rows["label_index"].to_numpy()
@@ -60,7 +60,7 @@ def main() -> None:
         failed |= failed_runs
         reference, first_image = probabilities.pop(KERAS), read_pixels(paths[0])
         results = {KERAS: parity(reference, reference, y_true) | {"size_bytes": SHIPPED_MODEL.stat().st_size}}
-        results[KERAS] |= latency_ms(runners[KERAS], first_image, runs)
+        results[KERAS] |= latency_ms(runners[KERAS], first_image)
         for name, rows in probabilities.items():
             scores = parity(reference, rows, y_true)
             if problem := parity_problem(name, scores, results[KERAS]["accuracy"]):
@@ -70,7 +70,7 @@ def main() -> None:
             if name in failed:
                 shutil.rmtree(artifact) if artifact.is_dir() else artifact.unlink()
             else:
-                results[name] |= latency_ms(runners[name], first_image, runs)
+                results[name] |= latency_ms(runners[name], first_image)
         shutil.copyfile(SHIPPED_LABELS, folder / SHIPPED_LABELS.name)
     for name, reason in failed.items():
         print(f"export: {name} not exported: {reason}", file=sys.stderr)

@@ -14,7 +14,14 @@ import numpy as np
 
 from tlpipe.datasets import SPLITS, augmentation_layers, read_manifest, split_rows
 from tlpipe.errors import PipelineError, stage_main
-from tlpipe.extraction import base_forward, bfloat16_notice, extract_splits, extract_views, load_extractor
+from tlpipe.extraction import (
+    base_forward,
+    bfloat16_notice,
+    deployment_cost,
+    extract_splits,
+    extract_views,
+    load_extractor,
+)
 from tlpipe.feature_cache import compact, write_features
 from tlpipe.params import extraction_precision, load_params
 from tlpipe.runtime import seed_everything
@@ -50,6 +57,8 @@ def main(key: str) -> None:
         arrays["y_train_aug"] = np.zeros(0, arrays["y_train"].dtype)
     seconds = time.perf_counter() - started
     n_images = sum(len(arrays[f"y_{split}"]) for split in (*SPLITS, "train_aug"))
+    shipped_extractor = extractor if precision == "float32" else load_extractor(key, spec, seed)[0]
+    cost = deployment_cost(shipped_extractor, size, n_images)
 
     arrays = {name: compact(array) if name.startswith("x_") else array for name, array in arrays.items()}
     write_features(
@@ -66,7 +75,8 @@ def main(key: str) -> None:
             "images": n_images,
             "seconds": round(seconds, 2),
             "images_per_second": round(n_images / seconds, 1),
-        },
+        }
+        | cost,
     )
     print(
         f"{key}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.1f} images/s, {precision})", file=sys.stderr

@@ -29,6 +29,7 @@ LONGEST_FIRST = (
     "test_multiclass_e2e.py",
     "test_many_classes.py",
     "test_distribute.py",
+    "test_export.py",
 )
 
 

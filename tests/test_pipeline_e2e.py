@@ -69,6 +69,9 @@ def test_every_stage_writes_its_outputs(project: Path) -> None:
         assert METRIC_KEYS | TRUST_KEYS <= metrics.keys(), key
         assert metrics["n_test"] == 30 and 0.0 <= metrics["accuracy"] <= 1.0 and metrics["params"] > 0
         assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"], key
+        # Deployment cost: the float32 base's weights file plus the head's, and one image's latency.
+        assert metrics["size_bytes"] > 4 * metrics["params"] > 0, key
+        assert 0 < metrics["latency_ms_p50"] <= metrics["latency_ms_p95"], key
         crossval = json.loads((project / f"metrics/crossval/{key}.json").read_text())
         assert set(crossval) == {"cv_accuracy_mean", "cv_accuracy_std"} and 0 <= crossval["cv_accuracy_mean"] <= 1
         out_of_fold = pd.read_csv(project / f"reports/crossval/{key}/out_of_fold.csv")
@@ -84,6 +87,8 @@ def test_every_stage_writes_its_outputs(project: Path) -> None:
     assert sorted(table["backbone"]) == sorted([*keys, "model"])
     assert list(table["accuracy"]) == sorted(table["accuracy"], reverse=True)
     assert (project / "reports/comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (project / "reports/pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table[["size_bytes", "latency_ms_p50", "latency_ms_p95"]].notna().all().all()
     assert "| backbone" in (project / "reports/comparison.md").read_text()
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert summary["best"] == table["backbone"][0] and set(summary["backbones"]) == {*keys, "model"}
@@ -101,9 +106,8 @@ def test_every_stage_writes_its_outputs(project: Path) -> None:
     assert_card_matches_its_sources(card, model, audit, exports)
     # The gate exports what tests/gate/params.yaml asks for; each runs in its runtime and agrees with .keras.
     assert exports["failed"] == {} and exports["n_test"] == 30 and exports["keras"]["accuracy"] == model["accuracy"]
-    for name in ("saved_model", "tflite"):
-        assert exports[name]["agreement"] == 1.0 and exports[name]["max_probability_difference"] <= 1e-5, name
-    assert sorted(p.name for p in (project / "exports").iterdir()) == ["labels.json", "model.tflite", "saved_model"]
+    assert exports["saved_model"]["agreement"] == 1.0 and exports["saved_model"]["max_probability_difference"] <= 1e-5
+    assert sorted(p.name for p in (project / "exports").iterdir()) == ["labels.json", "saved_model"]
 
 
 # Parameters a stage reads only in a configuration other than this test's.

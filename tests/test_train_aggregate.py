@@ -58,7 +58,9 @@ def test_head_learns_and_survives_a_save_load_round_trip(tmp_path: Path, n_class
 N_TEST = 200
 
 
-def write_evaluation(root: Path, key: str, n_right: int, roc_auc: float, speed: float = 50.0) -> None:
+def write_evaluation(
+    root: Path, key: str, n_right: int, roc_auc: float, speed: float = 50.0, latency: float | None = None
+) -> None:
     """An evaluation folder whose first `n_right` of N_TEST images (half cats, half dogs) are right, and the
     crossval metrics of a backbone."""
     folder = root / "reports" / "evaluation" / key
@@ -79,6 +81,8 @@ def write_evaluation(root: Path, key: str, n_right: int, roc_auc: float, speed: 
         "params": 1_000_000,
         "images_per_second": speed,
     }
+    if latency is not None:
+        scores |= {"size_bytes": 4_000_000, "latency_ms_p50": latency, "latency_ms_p95": 1.5 * latency}
     (folder / "metrics.json").write_text(json.dumps(scores))
     actual = ["cats", "dogs"] * (N_TEST // 2)
     other = {"cats": "dogs", "dogs": "cats"}
@@ -106,10 +110,10 @@ def study_params(model: str = "c") -> dict:
 
 def test_aggregate_ranks_tests_against_the_best_and_recommends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    write_evaluation(tmp_path, "b", 194, 0.99, speed=10.0)  # best
-    write_evaluation(tmp_path, "c", 192, 0.98, speed=50.0)  # 2 images behind: tied
+    write_evaluation(tmp_path, "b", 194, 0.99, speed=10.0, latency=40.0)  # best
+    write_evaluation(tmp_path, "c", 192, 0.98, speed=50.0, latency=8.0)  # 2 images behind: tied
     write_evaluation(tmp_path, "model", 191, 0.99)  # 3 behind: tied
-    write_evaluation(tmp_path, "a", 160, 0.95, speed=100.0)  # fastest, but 34 behind: worse
+    write_evaluation(tmp_path, "a", 160, 0.95, speed=100.0, latency=20.0)  # fastest, but 34 behind: worse
     write_evaluation(tmp_path, "stale", 200, 1.0)  # a backbone no longer in params.yaml is left out
     params = study_params()
     table = comparison.comparison_table(params)
@@ -121,6 +125,11 @@ def test_aggregate_ranks_tests_against_the_best_and_recommends(tmp_path: Path, m
     assert rows.loc["a", "p_value"] < 1e-9 and rows.loc["a", "difference_to_best"] == pytest.approx(-0.17)
     assert rows.loc["a", "difference_ci_high"] < 0 == rows.loc["c", "difference_ci_high"]  # c never beats b
     assert rows.loc["c", "cv_accuracy_mean"] == 0.95 and np.isnan(rows.loc["model", "cv_accuracy_mean"])
+    # The shipped model is its backbone (c) fine-tuned: the same architecture, so the same deployment cost.
+    assert rows.loc["model", ["size_bytes", "latency_ms_p50", "latency_ms_p95"]].tolist() == [4_000_000, 8.0, 12.0]
+    assert list(comparison.pareto_front(table["latency_ms_p50"], table["accuracy"])) == [True, True, False, False]
+    comparison.pareto_chart(table, tmp_path / "reports" / "pareto.png")
+    assert (tmp_path / "reports" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
     summary = comparison.summary(table, params)
     assert summary["best"] == "b" and summary["best_accuracy"] == 0.97
@@ -136,6 +145,25 @@ def test_aggregate_ranks_tests_against_the_best_and_recommends(tmp_path: Path, m
     assert markdown.count("\n| ") == 5 and "| b " in markdown.splitlines()[6]
     assert "nan" not in markdown.lower() and "**Recommended: c.**" in markdown
     assert "0.9700 [0.9500, 0.9900]" in markdown and "tied with best" in markdown
+    assert "3.8 MB" in markdown and "40.0 / 60.0 ms" in markdown and "8.0 / 12.0 ms" in markdown
+
+
+def test_the_pareto_front_against_a_search_of_every_pair() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 12))
+        # Few distinct values, so that ties in either coordinate are common.
+        latency, accuracy = rng.integers(1, 6, n).astype(float), rng.integers(90, 95, n) / 100
+        beaten = [
+            any(
+                latency[j] <= latency[i]
+                and accuracy[j] >= accuracy[i]
+                and (latency[j] < latency[i] or accuracy[j] > accuracy[i])
+                for j in range(n)
+            )
+            for i in range(n)
+        ]
+        assert list(comparison.pareto_front(latency, accuracy)) == [not b for b in beaten]
 
 
 def test_when_only_the_fine_tuned_model_is_best_it_is_recommended(

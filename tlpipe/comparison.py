@@ -36,8 +36,14 @@ COLUMNS = [
     "ece_calibrated",
     "n_test",
     "params",
+    "size_bytes",
+    "latency_ms_p50",
+    "latency_ms_p95",
     "images_per_second",
 ]
+# What a backbone costs where it ships (features@<b> measures the float32 base, evaluate@<b> adds the head).
+# The fine-tuned model has its backbone's architecture, so its row shows its backbone's.
+DEPLOYMENT_COLUMNS = ("size_bytes", "latency_ms_p50", "latency_ms_p95")
 BEST, TIED, WORSE = "best", "tied with best", "worse"
 # How the chart names `backbones.<b>.weights`; any other value is a weights file, named by its file name.
 WEIGHTS_NAMES = {None: "random weights", "imagenet": "ImageNet", "noisy-student": "Noisy Student"}
@@ -57,11 +63,16 @@ def comparison_table(params: dict[str, Any]) -> pd.DataFrame:
         rows.append({"backbone": key, "arch": spec["arch"], "image_size": spec["image_size"]} | scores)
     shipped = params["backbones"][params["model"]]
     scores = read_json(evaluation_dir(SHIPPED_NAME) / "metrics.json")
+    cost = next({c: row.get(c) for c in DEPLOYMENT_COLUMNS} for row in rows if row["backbone"] == params["model"])
     rows.append(
         scores
+        | cost
         | {"backbone": SHIPPED_NAME, "arch": f"{shipped['arch']} fine-tuned", "image_size": shipped["image_size"]}
     )
     table = pd.DataFrame(rows)
+    for column in DEPLOYMENT_COLUMNS:  # absent from evaluations written before they were measured
+        if column not in table:
+            table[column] = np.nan
     table = table.sort_values(["accuracy", "roc_auc", "backbone"], ascending=[False, False, True], kind="stable")
     table = table.reset_index(drop=True)
     table = table.join(paired_with_best(list(table["backbone"]), params["stats"], params["seed"]))
@@ -167,6 +178,11 @@ def markdown(table: pd.DataFrame, params: dict[str, Any]) -> str:
     for column in ("f1", "roc_auc", "loss", "ece", "ece_calibrated"):
         shown[column] = [shown_number(v, "{:.4f}") for v in table[column]]
     shown["params"] = (table["params"] / 1e6).map("{:.1f} M".format)
+    shown["size"] = [shown_number(v / 2**20, "{:.1f} MB") for v in table["size_bytes"]]
+    shown["latency p50 / p95"] = [
+        f"{shown_number(p50, '{:.1f}')} / {shown_number(p95, '{:.1f}')} ms"
+        for p50, p95 in zip(table["latency_ms_p50"], table["latency_ms_p95"])
+    ]
     shown["images_per_second"] = table["images_per_second"].map("{:.1f}".format)
     recommended, reason = recommendation(table, params)
     stats = params["stats"]
@@ -178,9 +194,11 @@ def markdown(table: pd.DataFrame, params: dict[str, Any]) -> str:
         f"with its paired bootstrap interval, and a row whose McNemar p is at least {stats['alpha']} is "
         "`tied with best`, its difference too small to tell from chance. `cv accuracy` is repeated stratified "
         "k-fold of the head on train+val (mean ± std). `ece` is the expected calibration error as trained, "
-        "`ece_calibrated` after temperature scaling fitted on val. `images_per_second` is the frozen base's "
-        "feature extraction throughput on this machine (for `model`: end to end from image files, one at a "
-        "time).\n\n"
+        "`ece_calibrated` after temperature scaling fitted on val. `size` is the float32 base's weights file "
+        "plus the head's; `latency` is one image through the float32 base on this machine (median and 95th "
+        "percentile; for `model`, its backbone's: the same architecture). `images_per_second` is the frozen "
+        "base's feature extraction throughput on this machine, in batches (for `model`: end to end from "
+        "image files, one at a time). The chart `pareto.png` plots accuracy against latency.\n\n"
         + shown.to_markdown(index=False, disable_numparse=True)
         + f"\n\n**Recommended: {recommended}.** {reason}.\n"
         + (
@@ -225,6 +243,49 @@ def chart_title(params: dict[str, Any] | None) -> str:
 def chart(table: pd.DataFrame, path: Path, params: dict[str, Any] | None = None) -> None:
     """Accuracy and throughput per row, best on top; the shipped model's bars are hatched and explained."""
     pictures.save_png(chart_figure(table, params), path, dpi=100)
+
+
+def pareto_front(latency: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """Which rows no other row beats: none is at least as accurate and at least as fast, and better in one."""
+    latency, accuracy = np.asarray(latency, float), np.asarray(accuracy, float)
+    no_worse = (latency[np.newaxis, :] <= latency[:, np.newaxis]) & (accuracy[np.newaxis, :] >= accuracy[:, np.newaxis])
+    better = (latency[np.newaxis, :] < latency[:, np.newaxis]) | (accuracy[np.newaxis, :] > accuracy[:, np.newaxis])
+    return ~(no_worse & better).any(axis=1)
+
+
+def pareto_chart(table: pd.DataFrame, path: Path) -> None:
+    """Accuracy (with its interval) against single-image latency, one point per row; the rows no other row
+    beats on both are joined: the choices worth making. Rows without a latency (an old cache) are left out."""
+    rows = table[table["latency_ms_p50"].notna()].reset_index(drop=True)
+    fig, ax = pictures.pyplot().subplots(figsize=(9, 6), layout="constrained")
+    latency, accuracy = rows["latency_ms_p50"].to_numpy(float), rows["accuracy"].to_numpy(float)
+    errors = np.array([accuracy - rows["accuracy_ci_low"], rows["accuracy_ci_high"] - accuracy])
+    front = pareto_front(latency, accuracy)
+    shipped = (rows["backbone"] == SHIPPED_NAME).to_numpy()
+    for part, style, label in ((~shipped, FROZEN_STYLE, "frozen backbone"), (shipped, SHIPPED_STYLE, "shipped model")):
+        if part.any():
+            ax.errorbar(
+                latency[part],
+                accuracy[part],
+                yerr=errors[:, part],
+                fmt="o",
+                capsize=3,
+                color=style["color"],
+                label=label,
+            )
+    order = np.argsort(latency[front])
+    ax.plot(latency[front][order], accuracy[front][order], "--", color="grey", label="not beaten on both")
+    for x, y, name in zip(latency, accuracy, rows["backbone"]):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xscale("log")
+    plain = pictures.pyplot().FuncFormatter(lambda value, _: f"{value:g}")  # 20, not 2 x 10^1
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("latency of one image, median (ms, log scale; this machine)")
+    ax.set_ylabel("test accuracy (bars: 95% interval)")
+    ax.legend(fontsize=9)
+    pictures.figure_title(fig, "Accuracy against deployment latency")
+    pictures.save_png(fig, path, dpi=100)
 
 
 def chart_figure(table: pd.DataFrame, params: dict[str, Any] | None) -> Any:

@@ -286,21 +286,6 @@ def parity_problem(name: str, scores: dict[str, float], keras_accuracy: float) -
     return None
 
 
-def latency_ms(run: Runner, image: np.ndarray, runs: int) -> dict[str, float]:
-    """Median and 95th percentile of `runs` single-image calls, after two warm-up calls (wall-clock)."""
-    run(image)
-    run(image)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        run(image)
-        times.append(1000 * (time.perf_counter() - started))
-    return {
-        "latency_ms_p50": round(float(np.percentile(times, 50)), 2),
-        "latency_ms_p95": round(float(np.percentile(times, 95)), 2),
-    }
-
-
 def run_all(runners: dict[str, Runner], images: Iterable[np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(class probabilities of each runner over the same images, each image decoded once; {name: one-line
     reason} for runners that failed on an image, which then stop)."""

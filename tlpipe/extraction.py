@@ -40,6 +40,26 @@ def load_extractor(key: str, spec: dict[str, Any], seed: int = 0, precision: str
     return extractor, base.count_params()
 
 
+def deployment_cost(extractor: Any, image_size: int, n_images: int) -> dict[str, Any]:
+    """What the frozen base costs where it ships: the size of its float32 weights on disk (`base_bytes`) and
+    its latency on one image (tlpipe.latency), run as the stage runs it over `n_images`.
+
+    `extractor` must be the float32 one, as finetune ships it: bfloat16 extraction is emulated, so slower,
+    on most CPUs, and nobody ships it. The pixels' values do not change the compute.
+    """
+    import tempfile
+
+    from tlpipe.latency import latency_ms
+
+    forward = base_forward(extractor, image_size, n_images)
+    image = np.full((image_size, image_size, 3), 127.5, np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / "base.weights.h5"
+        extractor.save_weights(weights)
+        base_bytes = weights.stat().st_size
+    return {"base_bytes": base_bytes} | latency_ms(lambda pixels: forward(pixels[np.newaxis]), image)
+
+
 def bfloat16_notice(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     """A warning when bfloat16 would be emulated: no GPU, and a Linux CPU without AVX512_BF16 or AMX."""
     import tensorflow as tf

@@ -167,7 +167,7 @@ SCHEMA: dict[str, Any] = {
         "near_duplicate_threshold": _float(0.0, 1.0, include_low=False),
         "leakage": _choice("report", "drop", "fail"),
     },
-    "export": {"formats": None, "latency_runs": _int(1, 10000)},  # formats: checked by _check_formats
+    "export": {"formats": None},  # checked by _check_formats
     "regression": _regression,
 }
 OPTIONAL_SECTIONS: set[str] = set()
