@@ -76,7 +76,7 @@ def deployment(key: str, spec: dict[str, Any]) -> dict[str, Any]:
         "backbone": key,
         "weights": "imagenet" if spec["weights"] else "random",
         "params_m": round(n_params / 1e6, 1),
-        "base_mb": round(cost["base_bytes"] / 2**20, 1),
+        "base_mb": round(cost["base_bytes"] / 1e6, 1),
         "latency_ms_p50": cost["latency_ms_p50"],
         "latency_ms_p95": cost["latency_ms_p95"],
         "batch_images_per_s": round(5 * len(batch) / (time.perf_counter() - started), 1),
@@ -109,7 +109,7 @@ def measure(key: str, spec: dict[str, Any], images: list[np.ndarray], runs: int)
             run = export.load_runner(name, path)
             scores = export.parity(reference, np.array([run(image) for image in images]), reference.argmax(axis=1))
             row |= {k: scores[k] for k in ("agreement", "max_probability_difference")}
-            row |= {"size_mb": round(export.artifact_size(path) / 2**20, 1)} | latency_ms(run, images[0], runs)
+            row |= {"size_mb": round(export.artifact_size(path) / 1e6, 1)} | latency_ms(run, images[0], runs)
             row["latency_vs_keras"] = round(row["latency_ms_p50"] / keras_latency["latency_ms_p50"], 2)
             rows.append(row)
             print(row, flush=True)

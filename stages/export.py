@@ -19,6 +19,7 @@ from tlpipe.datasets import read_manifest, scored_test_rows
 from tlpipe.errors import PipelineError, stage_main
 from tlpipe.export import (
     FORMATS,
+    Runner,
     artifact_size,
     export_formats,
     failure_reason,
@@ -27,7 +28,7 @@ from tlpipe.export import (
     parity_problem,
     run_all,
 )
-from tlpipe.files import atomic_dir, write_json
+from tlpipe.files import atomic_dir, megabytes, write_json
 from tlpipe.latency import latency_ms
 from tlpipe.params import load_params
 from tlpipe.paths import EXPORT_METRICS, EXPORTS_DIR, SHIPPED_LABELS, SHIPPED_MODEL
@@ -47,30 +48,13 @@ def main() -> None:
     with atomic_dir(EXPORTS_DIR) as folder:
         print(f"export: converting {SHIPPED_MODEL} to {', '.join(names)}", file=sys.stderr)
         failed = export_formats(model, names, folder, log=lambda line: print(f"export: {line}", file=sys.stderr))
-        runners = {KERAS: classifier_function(model, len(paths))}
-        for name in (n for n in names if n not in failed):
-            try:
-                runners[name] = load_runner(name, folder / FORMATS[name].path)
-            except Exception as error:  # noqa: BLE001 - a runtime's error is that format's failure
-                failed[name] = f"does not load in {FORMATS[name].runtime}: {failure_reason(error)}"
+        runners = {KERAS: classifier_function(model, len(paths))} | load_runners(names, folder, failed)
         with bar(len(paths), "export: every format over the test images", "img") as progress:
             probabilities, failed_runs = run_all(runners, decoded(paths, progress.update))
         if KERAS in failed_runs:
             raise PipelineError(f"{SHIPPED_MODEL} {failed_runs[KERAS]}")
         failed |= failed_runs
-        reference, first_image = probabilities.pop(KERAS), read_pixels(paths[0])
-        results = {KERAS: parity(reference, reference, y_true) | {"size_bytes": SHIPPED_MODEL.stat().st_size}}
-        results[KERAS] |= latency_ms(runners[KERAS], first_image)
-        for name, rows in probabilities.items():
-            scores = parity(reference, rows, y_true)
-            if problem := parity_problem(name, scores, results[KERAS]["accuracy"]):
-                failed[name] = problem
-            artifact = folder / FORMATS[name].path
-            results[name] = scores | {"size_bytes": artifact_size(artifact)}
-            if name in failed:
-                shutil.rmtree(artifact) if artifact.is_dir() else artifact.unlink()
-            else:
-                results[name] |= latency_ms(runners[name], first_image)
+        results = scores(probabilities, y_true, runners, read_pixels(paths[0]), folder, failed)
         shutil.copyfile(SHIPPED_LABELS, folder / SHIPPED_LABELS.name)
     for name, reason in failed.items():
         print(f"export: {name} not exported: {reason}", file=sys.stderr)
@@ -78,9 +62,46 @@ def main() -> None:
         EXPORT_METRICS,
         {"backbone": params["model"], "n_test": len(paths), **results, "failed": dict(sorted(failed.items()))},
     )
-    for name, scores in results.items():
+    for name, row in results.items():
         if name not in failed:
-            print(f"export: {name}: {summary(scores)}", file=sys.stderr)
+            print(f"export: {name}: {summary(row)}", file=sys.stderr)
+
+
+def load_runners(names: list[str], folder: Path, failed: dict[str, str]) -> dict[str, Runner]:
+    """Each converted format in its runtime; one that does not load is added to `failed`."""
+    runners = {}
+    for name in (n for n in names if n not in failed):
+        try:
+            runners[name] = load_runner(name, folder / FORMATS[name].path)
+        except Exception as error:  # noqa: BLE001 - a runtime's error is that format's failure
+            failed[name] = f"does not load in {FORMATS[name].runtime}: {failure_reason(error)}"
+    return runners
+
+
+def scores(
+    probabilities: dict[str, np.ndarray],
+    y_true: np.ndarray,
+    runners: dict[str, Runner],
+    image: np.ndarray,
+    folder: Path,
+    failed: dict[str, str],
+) -> dict[str, dict]:
+    """Parity, size and latency of the .keras model and each format. A format that misses its bar is added to
+    `failed` and its artifact deleted; its scores stay, to show by how much it missed."""
+    reference = probabilities[KERAS]
+    results = {KERAS: parity(reference, reference, y_true) | {"size_bytes": SHIPPED_MODEL.stat().st_size}}
+    results[KERAS] |= latency_ms(runners[KERAS], image)
+    for name in (n for n in probabilities if n != KERAS):
+        row = parity(reference, probabilities[name], y_true)
+        if problem := parity_problem(name, row, results[KERAS]["accuracy"]):
+            failed[name] = problem
+        artifact = folder / FORMATS[name].path
+        results[name] = row | {"size_bytes": artifact_size(artifact)}
+        if name in failed:
+            shutil.rmtree(artifact) if artifact.is_dir() else artifact.unlink()
+        else:
+            results[name] |= latency_ms(runners[name], image)
+    return results
 
 
 def decoded(paths: list[Path], done: Callable[[], object]) -> Iterator[np.ndarray]:
@@ -93,7 +114,7 @@ def summary(scores: dict[str, float]) -> str:
     return (
         f"accuracy {scores['accuracy']:.4f}, agreement {scores['agreement']:.4f}, "
         f"max probability difference {scores['max_probability_difference']:.2g}, "
-        f"{scores['size_bytes'] / 1e6:.1f} MB, {scores['latency_ms_p50']:.1f} ms per image"
+        f"{megabytes(scores['size_bytes'])}, {scores['latency_ms_p50']:.1f} ms per image"
     )
 
 

@@ -10,6 +10,7 @@ import yaml
 
 from tests.helpers import PROJECT_ROOT
 from tlpipe.export import FORMATS
+from tlpipe.files import megabytes
 from tlpipe.model_card import AUDIT_COUNTS, CALIBRATION_METRICS, TEST_METRICS, CardInputs, number, render
 
 GATE_METRICS = PROJECT_ROOT / "tests" / "gate" / "metrics"
@@ -29,7 +30,7 @@ def assert_card_matches_its_sources(
     for file, cells in formats.items():
         scores = exports["keras" if file == "models/model.keras" else FORMAT_FILES[file]]
         size, accuracy, agreement, difference, latency = [cell.strip() for cell in cells.split("|")[2:7]]
-        assert size == f"{scores['size_bytes'] / 2**20:.1f} MB" and latency == f"{scores['latency_ms_p50']:.1f} ms"
+        assert size == megabytes(scores["size_bytes"]) and latency == f"{scores['latency_ms_p50']:.1f} ms"
         expected = [number(scores[key]) for key in ("accuracy", "agreement", "max_probability_difference")]
         assert [accuracy, agreement, difference] == expected, file
     for name, reason in exports["failed"].items():

@@ -145,7 +145,7 @@ def test_aggregate_ranks_tests_against_the_best_and_recommends(tmp_path: Path, m
     assert markdown.count("\n| ") == 5 and "| b " in markdown.splitlines()[6]
     assert "nan" not in markdown.lower() and "**Recommended: c.**" in markdown
     assert "0.9700 [0.9500, 0.9900]" in markdown and "tied with best" in markdown
-    assert "3.8 MB" in markdown and "40.0 / 60.0 ms" in markdown and "8.0 / 12.0 ms" in markdown
+    assert "4.0 MB" in markdown and "40.0 / 60.0 ms" in markdown and "8.0 / 12.0 ms" in markdown
 
 
 def test_the_pareto_front_against_a_search_of_every_pair() -> None:

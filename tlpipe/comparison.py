@@ -10,7 +10,7 @@ import pandas as pd
 
 from tlpipe import pictures, statistics
 from tlpipe.evaluation import aligned, correct_by_path
-from tlpipe.files import read_json
+from tlpipe.files import megabytes, read_json
 from tlpipe.paths import SHIPPED_NAME, crossval_metrics, evaluation_dir
 
 COLUMNS = [
@@ -178,7 +178,7 @@ def markdown(table: pd.DataFrame, params: dict[str, Any]) -> str:
     for column in ("f1", "roc_auc", "loss", "ece", "ece_calibrated"):
         shown[column] = [shown_number(v, "{:.4f}") for v in table[column]]
     shown["params"] = (table["params"] / 1e6).map("{:.1f} M".format)
-    shown["size"] = [shown_number(v / 2**20, "{:.1f} MB") for v in table["size_bytes"]]
+    shown["size"] = ["–" if pd.isna(v) else megabytes(v) for v in table["size_bytes"]]
     shown["latency p50 / p95"] = [
         f"{shown_number(p50, '{:.1f}')} / {shown_number(p95, '{:.1f}')} ms"
         for p50, p95 in zip(table["latency_ms_p50"], table["latency_ms_p95"])

@@ -1,4 +1,4 @@
-"""Writing outputs so that a killed or failing stage never leaves a half-written file, and reading JSON."""
+"""Writing outputs so that a killed or failing stage never leaves a half-written file; reading JSON; file sizes."""
 
 from __future__ import annotations
 
@@ -70,6 +70,11 @@ def write_text(path: Path | str, text: str) -> None:
 
 def write_json(path: Path | str, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def megabytes(n_bytes: float) -> str:
+    """A file size as every report writes it: decimal megabytes, one decimal."""
+    return f"{n_bytes / 1e6:.1f} MB"
 
 
 def read_json(path: Path | str) -> Any:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tlpipe.export import FORMATS
+from tlpipe.files import megabytes
 from tlpipe.paths import EXPORTS_DIR, SHIPPED_MODEL
 
 # (key in metrics/model.json, what it is); each shown with its interval where the file has one.
@@ -205,7 +206,7 @@ def formats_section(exports: dict[str, Any]) -> str:
     for name, file, title, runtime in rows:
         scores = exports[name]
         lines.append(
-            f"| `{file}` | {title} | {runtime} | {scores['size_bytes'] / 2**20:.1f} MB | {number(scores['accuracy'])} "
+            f"| `{file}` | {title} | {runtime} | {megabytes(scores['size_bytes'])} | {number(scores['accuracy'])} "
             f"| {number(scores['agreement'])} | {number(scores['max_probability_difference'])} "
             f"| {scores['latency_ms_p50']:.1f} ms |"
         )
