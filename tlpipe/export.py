@@ -62,8 +62,8 @@ FORMATS: dict[str, ExportFormat] = {
     ]
 }
 
-# What an export must do to be kept (the bars): float formats agree with the .keras model on
-# almost every image and to a thousandth of a probability; quantized ones lose at most a point of accuracy.
+# What an export must do to be kept: a float format agrees with the .keras model on almost every image and
+# to a thousandth of a probability; a quantized one loses at most a point of accuracy.
 FLOAT_MIN_AGREEMENT = 0.999
 FLOAT_MAX_PROBABILITY_DIFFERENCE = 1e-3
 QUANTIZED_MAX_ACCURACY_LOSS = 0.01
