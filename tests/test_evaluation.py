@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 
-from tlpipe.evaluation import write_evaluation
+from tlpipe.errors import PipelineError
+from tlpipe.evaluation import correct_by_path, write_evaluation
 from tlpipe.statistics import apply_temperature, expected_calibration_error
 
 STATS = {"confidence": 0.95, "bootstrap": 300, "alpha": 0.05}
@@ -68,3 +69,11 @@ def test_an_evaluation_writes_the_metric_and_every_report(
     assert predictions["probability_calibrated"].to_numpy() == pytest.approx(calibrated.max(axis=1), abs=1e-6)
     for key in ("accuracy", "f1", "roc_auc"):
         assert metric[f"{key}_ci_low"] <= metric[key] <= metric[f"{key}_ci_high"], key
+
+
+def test_a_missing_evaluation_to_pair_with_is_one_line(tmp_path: Path) -> None:
+    """evaluate_model pairs the shipped model with its backbone's frozen evaluation, which may not exist yet
+    when stages are run by hand."""
+    missing = tmp_path / "reports/evaluation/mobilenet/predictions.csv"
+    with pytest.raises(PipelineError, match="^.*predictions.csv is missing; run dvc repro to write it$"):
+        correct_by_path(missing)

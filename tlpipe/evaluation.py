@@ -147,7 +147,10 @@ def write_evaluation(
 
 def correct_by_path(predictions_csv: Path) -> pd.Series:
     """Right (True) or wrong per test image, indexed by path, from an evaluation's predictions.csv."""
-    table = pd.read_csv(predictions_csv, keep_default_na=False)
+    try:
+        table = pd.read_csv(predictions_csv, keep_default_na=False)
+    except FileNotFoundError:
+        raise PipelineError(f"{predictions_csv} is missing; run dvc repro to write it") from None
     return pd.Series((table["actual"] == table["predicted"]).to_numpy(), index=table["path"])
 
 
