@@ -84,10 +84,10 @@ def deployment(key: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(key: str, spec: dict[str, Any], images: list[np.ndarray], runs: int) -> list[dict[str, Any]]:
-    from tlpipe.prediction import classifier_function
+    from tlpipe.prediction import keras_classifier, one_image
 
     model = shipped_model(spec)
-    keras_run = classifier_function(model, len(images))
+    keras_run = one_image(keras_classifier(model, []).batch_function(len(images)))
     reference = np.array([keras_run(image) for image in images])
     keras_latency = latency_ms(keras_run, images[0], runs)
     rows = [

@@ -25,12 +25,12 @@ from tlpipe.prediction import class_difference, load_classifier, predict_with_pr
 def main() -> None:
     params = load_params()
     classes = read_classes()
-    model, labels = load_classifier(SHIPPED_MODEL)
-    if labels != classes:
-        raise PipelineError(f"{SHIPPED_MODEL} {class_difference(labels, classes)}; rerun dvc repro")
+    classifier = load_classifier(SHIPPED_MODEL)
+    if classifier.labels != classes:
+        raise PipelineError(f"{SHIPPED_MODEL} {class_difference(classifier.labels, classes)}; rerun dvc repro")
     test_rows, _ = scored_test_rows(read_manifest())
     started = time.perf_counter()
-    predictions = predict_with_progress(model, labels, [Path(p) for p in test_rows["path"]])
+    predictions = predict_with_progress(classifier, [Path(p) for p in test_rows["path"]])
     seconds = time.perf_counter() - started
     failed = [p for p in predictions if p.error]
     if failed:
@@ -49,7 +49,7 @@ def main() -> None:
         probabilities,
         classes,
         {
-            "params": int(model.count_params()),
+            "params": int(classifier.model.count_params()),
             "images_per_second": round(len(predictions) / seconds, 1),
             "backbone": key,
         }

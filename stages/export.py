@@ -32,7 +32,7 @@ from tlpipe.files import atomic_dir, megabytes, write_json
 from tlpipe.latency import latency_ms
 from tlpipe.params import load_params
 from tlpipe.paths import EXPORT_METRICS, EXPORTS_DIR, SHIPPED_LABELS, SHIPPED_MODEL
-from tlpipe.prediction import classifier_function, load_classifier, read_pixels
+from tlpipe.prediction import load_classifier, one_image, read_pixels
 from tlpipe.progress import bar
 
 KERAS = "keras"
@@ -42,13 +42,15 @@ KERAS = "keras"
 def main() -> None:
     params = load_params()
     names = params["export"]["formats"]
-    model, _ = load_classifier(SHIPPED_MODEL)
+    classifier = load_classifier(SHIPPED_MODEL)
     test_rows, _ = scored_test_rows(read_manifest())
     paths, y_true = [Path(p) for p in test_rows["path"]], test_rows["label_index"].to_numpy()
     with atomic_dir(EXPORTS_DIR) as folder:
         print(f"export: converting {SHIPPED_MODEL} to {', '.join(names)}", file=sys.stderr)
-        failed = export_formats(model, names, folder, log=lambda line: print(f"export: {line}", file=sys.stderr))
-        runners = {KERAS: classifier_function(model, len(paths))} | load_runners(names, folder, failed)
+        failed = export_formats(
+            classifier.model, names, folder, log=lambda line: print(f"export: {line}", file=sys.stderr)
+        )
+        runners = {KERAS: one_image(classifier.batch_function(len(paths)))} | load_runners(names, folder, failed)
         with bar(len(paths), "export: every format over the test images", "img") as progress:
             probabilities, failed_runs = run_all(runners, decoded(paths, progress.update))
         if KERAS in failed_runs:

@@ -1,11 +1,18 @@
-r"""Classify images with the shipped model: `tl-predict PATH... [--format text|json|csv] [--model FILE]`.
+r"""Classify images with the shipped model: `tl-predict PATH... [--format text|json|csv] [--model FILE]
+[--batch-size N]`.
 
 PATHs are image files or folders (searched recursively for image files). `tl-predict` is the console script
 that `pip install -e .` (the README's setup) puts in the virtualenv's bin/, so it runs from any folder;
 `python -m stages.predict` is the same command from the project root.
 
 The model is --model, else models/model.keras in the current folder if there is one, else the project's own
-models/model.keras. Its class names are read from labels.json beside it.
+models/model.keras. Its class names are read from labels.json beside it. --model may also be an export of it
+(the export stage's exports/model.tflite, run by LiteRT, or exports/model.onnx, run by ONNX Runtime): the same
+probabilities (the export stage checks them), several times faster on a CPU (benchmarks/predict.py).
+
+Images are decoded ahead of the model by a thread per core and classified --batch-size at a time (default
+16); results print as each batch is done. --batch-size 1 classifies each image at its own size, as the model
+was called before batching; batched results equal it to 1e-5.
 
 Output, on stdout:
   text  one line per image: `path<TAB>class<TAB>probability` (4 decimals). So that every image is exactly one
@@ -29,6 +36,7 @@ from tlpipe.errors import PipelineError
 from tlpipe.output_formats import escape, report_error, write_predictions
 from tlpipe.paths import SHIPPED_MODEL
 from tlpipe.prediction import (
+    PREDICT_BATCH,
     PROJECT_ROOT,
     default_model,
     image_files,
@@ -49,10 +57,16 @@ def argument_parser() -> argparse.ArgumentParser:
         "--model",
         type=Path,
         default=None,
-        help=f"a .keras model with labels.json beside it (default: {SHIPPED_MODEL} in the current folder "
+        help=f"a .keras model, or its .tflite or .onnx export, with labels.json beside it (default: {SHIPPED_MODEL} in the current folder "
         f"if there is one, else {PROJECT_ROOT / SHIPPED_MODEL})",
     )
     parser.add_argument("--format", choices=["text", "json", "csv"], default="text")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=PREDICT_BATCH,
+        help=f"images classified per call (default {PREDICT_BATCH}); 1: one at a time, each at its own size",
+    )
     parser.add_argument(
         "--uncalibrated",
         action="store_true",
@@ -61,11 +75,17 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    if not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argument_parser().parse_args(argv)
     model_path = args.model or default_model(Path.cwd())
     try:
-        model, labels = load_classifier(model_path, "run dvc repro (or pass --model)")
+        classifier = load_classifier(model_path, "run dvc repro (or pass --model)")
         temperature = 1.0 if args.uncalibrated else read_temperature(model_path)
     except PipelineError as error:
         print(f"error: {escape(str(error))}", file=sys.stderr)
@@ -73,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in args.paths if not p.exists()]
     files = image_files(p for p in args.paths if p.exists())
     started = time.perf_counter()
-    done = write_predictions(predict_files(model, labels, files, temperature), args.format, sys.stdout)
+    predictions = predict_files(classifier, files, temperature, args.batch_size)
+    classified, failed = write_predictions(predictions, args.format, sys.stdout)
     for path in missing:
         report_error(path, "no such file or folder")
-    classified = sum(p.error is None for p in done)
-    failed = len(done) - classified + len(missing)
-    if not done and not missing:
+    failed += len(missing)
+    if not files and not missing:
         shown = " ".join(escape(str(p)) for p in args.paths)
         print(f"error: no image files found in {shown}", file=sys.stderr)
         return 1

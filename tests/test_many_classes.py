@@ -20,7 +20,7 @@ import pytest
 from tests.helpers import one_backbone_project, stages_in_process
 from tests.synthetic import encode, synthetic_image
 from tlpipe.errors import PipelineError
-from tlpipe.prediction import predict_files
+from tlpipe.prediction import keras_classifier, predict_files
 from tlpipe.scoring import classification_scores
 
 N_CLASSES = 100
@@ -96,7 +96,7 @@ def test_a_model_unsure_among_120_classes_is_scored(tmp_path: Path) -> None:
         images.append(tmp_path / f"{index}.png")
         images[-1].write_bytes(encode(synthetic_image(index, rng, 8), "PNG"))
     labels = [f"c{index:03d}" for index in range(n_classes)]
-    predictions = list(predict_files(uniform_model(n_classes), labels, images))
+    predictions = list(predict_files(keras_classifier(uniform_model(n_classes), labels), images))
     probabilities = np.array([p.probabilities for p in predictions])
     scores = classification_scores(np.arange(n_classes), probabilities)
     assert scores["roc_auc"] == 0.5 and scores["n_test"] == n_classes  # every score tied

@@ -179,10 +179,10 @@ def test_json_probabilities_sum_to_one(model_path: Path, tmp_path: Path, capsys)
 
 def test_predictions_keep_the_models_precision(model_path: Path, tmp_path: Path) -> None:
     """What evaluate_model scores is the model's own output, not a rounded copy of it."""
-    model, labels = prediction.load_classifier(model_path)
+    classifier = prediction.load_classifier(model_path)
     image = write_image(tmp_path / "a.png")
-    [result] = prediction.predict_files(model, labels, [image])
-    expected = prediction.classifier_function(model, 1)(prediction.read_pixels(image))
+    [result] = prediction.predict_files(classifier, [image])
+    expected = classifier.batch_function(1)(prediction.resized(prediction.read_pixels(image), (8, 8))[np.newaxis])[0]
     assert result.probabilities == [float(p) for p in expected]
     assert result.probability == max(result.probabilities)
 
@@ -193,9 +193,9 @@ def test_evaluate_model_shows_progress(
     from tlpipe import progress
 
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # a line for every image instead of every 30 s
-    model, labels = prediction.load_classifier(model_path)
+    classifier = prediction.load_classifier(model_path)
     images = [write_image(tmp_path / f"{index}.png", index) for index in range(3)]
-    predictions = prediction.predict_with_progress(model, labels, images)
+    predictions = prediction.predict_with_progress(classifier, images)
     assert [p.path for p in predictions] == list(map(str, images)) and all(p.error is None for p in predictions)
     lines = capsys.readouterr().err.splitlines()
     assert lines and all(line.startswith("evaluate_model: ") for line in lines) and "3/3" in lines[-1], lines

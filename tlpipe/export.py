@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.errors import first_line
-from tlpipe.runtime import usable_cores
+from tlpipe.inference import LITERT, ONNX_RUNTIME, TENSORFLOW, runtime_outputs
 
 # One image (H, W, 3), float32 RGB in 0..255 -> its class probabilities (n_classes,).
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -45,20 +45,20 @@ class ExportFormat:
 FORMATS: dict[str, ExportFormat] = {
     f.name: f
     for f in [
-        ExportFormat("saved_model", "SavedModel", "saved_model", "TensorFlow"),
-        ExportFormat("tflite", "TFLite float32", "model.tflite", "LiteRT"),
+        ExportFormat("saved_model", "SavedModel", "saved_model", TENSORFLOW),
+        ExportFormat("tflite", "TFLite float32", "model.tflite", LITERT),
         ExportFormat(
-            "tflite_int8", "TFLite, int8 weights", "model_int8.tflite", "LiteRT", quantized=True, tflite_weights="int8"
+            "tflite_int8", "TFLite, int8 weights", "model_int8.tflite", LITERT, quantized=True, tflite_weights="int8"
         ),
         ExportFormat(
             "tflite_float16",
             "TFLite, float16 weights",
             "model_float16.tflite",
-            "LiteRT",
+            LITERT,
             quantized=True,
             tflite_weights="float16",
         ),
-        ExportFormat("onnx", "ONNX", "model.onnx", "ONNX Runtime"),
+        ExportFormat("onnx", "ONNX", "model.onnx", ONNX_RUNTIME),
     ]
 }
 
@@ -170,7 +170,7 @@ def export_formats(
     """
     serving = serving_model(model)
     failed: dict[str, str] = {}
-    wants_tflite = any(FORMATS[name].runtime == "LiteRT" for name in names)
+    wants_tflite = any(FORMATS[name].runtime == LITERT for name in names)
     scratch = Path(tempfile.mkdtemp(prefix="saved_model-", dir=folder))
     saved_model = folder / FORMATS["saved_model"].path if "saved_model" in names else scratch / "saved_model"
     try:
@@ -182,7 +182,7 @@ def export_formats(
                 log(f"saved_model converted in {time.perf_counter() - started:.1f} s")
             except Exception as error:  # noqa: BLE001 - any converter error is reported, not raised
                 reason = failure_reason(error)
-                failed |= {name: reason for name in names if name == "saved_model" or FORMATS[name].runtime == "LiteRT"}
+                failed |= {name: reason for name in names if name == "saved_model" or FORMATS[name].runtime == LITERT}
         for name in names:
             spec, target = FORMATS[name], folder / FORMATS[name].path
             if name in failed or name == "saved_model":
@@ -190,7 +190,7 @@ def export_formats(
             started = time.perf_counter()
             try:
                 with quiet_converters():
-                    if spec.runtime == "LiteRT":
+                    if spec.runtime == LITERT:
                         target.write_bytes(convert_tflite(saved_model, spec.tflite_weights))
                     else:
                         convert_onnx(serving, target)
@@ -216,46 +216,8 @@ def load_runner(name: str, path: Path) -> Runner:
     """The artifact loaded in its own runtime, as a function of one image."""
     from tlpipe.scoring import class_probabilities
 
-    runtime = FORMATS[name].runtime
-    if runtime == "TensorFlow":
-        import tensorflow as tf
-
-        # The loaded object owns the variables: the function alone would outlive them.
-        loaded = tf.saved_model.load(str(path))
-        outputs = lambda batch: loaded.serve(tf.constant(batch)).numpy()  # noqa: E731
-    elif runtime == "LiteRT":
-        outputs = tflite_outputs(path)
-    else:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = usable_cores()
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
-        outputs = lambda batch: session.run(None, {input_name: batch})[0]  # noqa: E731
+    outputs, _ = runtime_outputs(FORMATS[name].runtime, path)
     return lambda image: class_probabilities(outputs(image[np.newaxis]))[0]
-
-
-def tflite_outputs(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """LiteRT's interpreter as a function of a batch; its input is resized (and its tensors reallocated)
-    only when the image size changes."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path), num_threads=usable_cores())
-    input_index = interpreter.get_input_details()[0]["index"]
-    output_index = interpreter.get_output_details()[0]["index"]
-    shape: list[tuple[int, ...]] = [()]
-
-    def run(image: np.ndarray) -> np.ndarray:
-        if image.shape != shape[0]:
-            interpreter.resize_tensor_input(input_index, list(image.shape))
-            interpreter.allocate_tensors()
-            shape[0] = image.shape
-        interpreter.set_tensor(input_index, image)
-        interpreter.invoke()
-        return interpreter.get_tensor(output_index).copy()
-
-    return run
 
 
 def parity(reference: np.ndarray, probabilities: np.ndarray, y_true: np.ndarray) -> dict[str, float]:

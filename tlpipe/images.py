@@ -85,6 +85,9 @@ def open_image(path: Path) -> tuple[Image.Image, ImageInfo]:
             raise
     except ImageRejected:
         raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
+        # Not the file's content: it vanished (deleted while a folder was being read) or may not be read.
+        raise ImageRejected(path, f"cannot read ({error.strerror})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageRejected(path, f"too many pixels ({error})") from None
     except Image.UnidentifiedImageError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -55,23 +56,29 @@ def report_error(path: str | Path, reason: str) -> None:
     print(f"error: {escape(str(path))}: {escape(reason)}", file=sys.stderr)
 
 
-def write_predictions(predictions: Iterable[Prediction], fmt: str, out: TextIO) -> list[Prediction]:
-    """Print each prediction as it comes (text/csv) or all at the end (json); errors also go to stderr."""
-    done: list[Prediction] = []
+def write_predictions(predictions: Iterable[Prediction], fmt: str, out: TextIO) -> tuple[int, int]:
+    """Print each prediction as it comes, json too (a list written record by record, the bytes json.dump
+    with indent=2 writes), so nothing grows with the number of images; errors also go to stderr. Returns
+    (classified, failed)."""
+    classified = failed = 0
     # RFC 4180 line ends (\r\n): with them the csv module also quotes a lone \r inside a field.
     writer = csv.writer(out) if fmt == "csv" else None
     if writer:
         writer.writerow(["path", "label", "probability", "error"])
     for prediction in predictions:
-        done.append(prediction)
         if prediction.error:
+            failed += 1
             report_error(prediction.path, prediction.error)
+        else:
+            classified += 1
         if writer:
             writer.writerow(csv_row(prediction))
-        elif fmt == "text" and not prediction.error:
+        elif fmt == "json":
+            record = textwrap.indent(json.dumps(json_record(prediction), indent=2), "  ")
+            out.write(("[\n" if classified + failed == 1 else ",\n") + record)
+        elif not prediction.error:
             print(text_line(prediction), file=out)
         out.flush()
     if fmt == "json":
-        json.dump([json_record(p) for p in done], out, indent=2)
-        out.write("\n")
-    return done
+        out.write("\n]\n" if classified + failed else "[]\n")
+    return classified, failed

@@ -1,31 +1,42 @@
 """Classifying image files with a shipped model: what `tl-predict` and the evaluate_model stage both run.
 
-The model is a .keras file with labels.json (its class names) beside it. Images are checked and decoded as
-in training, and probabilities are kept at full precision: the output formats round them.
+The model is a .keras file, or one of its exports (.tflite, .onnx), with labels.json (its class names) beside
+it. Images are checked and decoded as in training, and probabilities are kept at full precision: the output
+formats round them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tlpipe.errors import PipelineError
+from tlpipe.errors import PipelineError, first_line
 from tlpipe.files import read_json
 from tlpipe.images import ImageRejected, is_tf_ready, open_image, to_rgb
-from tlpipe.models import inference_function, load_model, worth_freezing
+from tlpipe.inference import RUNTIME_OF_SUFFIX, TENSORFLOW, Outputs, keras_outputs, runtime_outputs
+from tlpipe.models import load_model
 from tlpipe.paths import SHIPPED_MODEL
 from tlpipe.progress import bar
+from tlpipe.runtime import usable_cores
 from tlpipe.scoring import class_probabilities
 from tlpipe.statistics import apply_temperature
 
 # The parent of the `tlpipe` package: where the pipeline writes models/model.keras.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+# Images classified per call. Batches amortise each call's fixed cost where cores are many; on two cores
+# LiteRT and ONNX Runtime run about as fast at 1 as at 32 (benchmarks/predict.py), and a small batch keeps
+# the first line quick.
+PREDICT_BATCH = 16
+# Images decoded ahead of the model, at least: enough that a slow file does not leave the model idle.
+DECODE_AHEAD = 32
 
 
 @dataclass
@@ -64,7 +75,7 @@ def image_files(paths: Iterable[Path]) -> list[Path]:
 
 def check_model_file(path: Path, remedy: str) -> None:
     if path.is_dir():
-        raise PipelineError(f"{path} is a folder, not a model file; pass the .keras file inside it")
+        raise PipelineError(f"{path} is a folder, not a model file; pass the .keras, .tflite or .onnx file inside it")
     if not path.is_file():
         raise PipelineError(f"{path} not found; {remedy}")
 
@@ -104,34 +115,78 @@ def read_calibration(model_path: Path) -> dict[str, float]:
     }
 
 
-def check_outputs(model: Any, labels: list[str], model_path: Path) -> None:
+@dataclass(frozen=True)
+class Classifier:
+    """A model file loaded in its runtime, with its class names.
+
+    `image_size` (height, width) is the size the model resizes every image to first: images resized to it
+    beforehand can share a batch, and the model's own resize then leaves them as they are. None: one image at
+    a time. `model` is the Keras model of a .keras file; an export has `outputs` instead.
+    """
+
+    path: Path
+    labels: list[str]
+    runtime: str
+    image_size: tuple[int, int] | None
+    model: Any = None
+    outputs: Outputs | None = None
+
+    def batch_function(self, n_images: int) -> Callable[[np.ndarray], np.ndarray]:
+        """A batch [n, H, W, 3] of raw RGB -> class probabilities [n, classes]; `n_images` is how many images
+        it will see (a Keras model freezes its weights where that pays: models.worth_freezing)."""
+        outputs = self.outputs or keras_outputs(self.model, n_images)
+        return lambda images: class_probabilities(outputs(images))
+
+
+def check_outputs(outputs: int | None, labels: list[str], model_path: Path) -> None:
     expected = 1 if len(labels) == 2 else len(labels)  # two classes: one sigmoid output
-    outputs = model.output_shape[-1]
-    if outputs != expected:
+    if outputs is not None and outputs != expected:
         raise PipelineError(
             f"cannot use {model_path}: it has {outputs} outputs but labels.json names {len(labels)} classes; "
             "use the labels.json that came with the model"
         )
 
 
-def load_classifier(model_path: Path, remedy: str = "run dvc repro to build it") -> tuple[Any, list[str]]:
-    """The model and its class names (labels.json beside it); `remedy` says what to do when it is missing."""
+def load_classifier(model_path: Path, remedy: str = "run dvc repro to build it") -> Classifier:
+    """The model in its runtime, by suffix (.tflite: LiteRT, .onnx: ONNX Runtime, else Keras), with its class
+    names (labels.json beside it); `remedy` says what to do when the file is missing."""
     check_model_file(model_path, remedy)
     labels = read_labels(model_path)
-    model = load_model(model_path)
-    check_outputs(model, labels, model_path)
-    return model, labels
+    runtime = RUNTIME_OF_SUFFIX.get(model_path.suffix.lower())
+    if runtime is None:
+        model = load_model(model_path)
+        check_outputs(model.output_shape[-1], labels, model_path)
+        return keras_classifier(model, labels, model_path)
+    try:
+        outputs, width = runtime_outputs(runtime, model_path)
+    except Exception as error:  # noqa: BLE001 - a damaged file: each runtime raises its own error type
+        raise PipelineError(
+            f"cannot load {model_path} in {runtime}: {first_line(error).rstrip('.')}; export it again (dvc repro)"
+        ) from None
+    check_outputs(width, labels, model_path)
+    size = read_json(model_path.parent / "labels.json").get("image_size")
+    image_size = (size, size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    return Classifier(model_path, labels, runtime, image_size, outputs=outputs)
 
 
-def classifier_function(model: Any, n_images: int) -> Callable[[np.ndarray], np.ndarray]:
-    """One image (H, W, 3) -> class probabilities, compiled once for any image size (and with the weights
-    as constants where `n_images` pay for it: models.worth_freezing)."""
-    import tensorflow as tf
+def keras_classifier(model: Any, labels: list[str], path: Path = Path("model.keras")) -> Classifier:
+    """A Keras model in memory as a Classifier (`path` names it in messages)."""
+    return Classifier(path, labels, TENSORFLOW, resizing_size(model), model=model)
 
-    forward = inference_function(
-        lambda image: model(image[tf.newaxis], training=False), (None, None, 3), worth_freezing(n_images)
-    )
-    return lambda image: class_probabilities(forward(image).numpy())[0]
+
+def resizing_size(model: Any) -> tuple[int, int] | None:
+    """(height, width) of the Resizing layer the model applies first to its raw input (the shipped model's
+    `resize`), or None."""
+    import keras
+
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    first = layers[0] if layers else None
+    return (first.height, first.width) if isinstance(first, keras.layers.Resizing) else None
+
+
+def one_image(classify: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """A batch function as a function of one image (H, W, 3)."""
+    return lambda image: classify(image[np.newaxis])[0]
 
 
 def read_pixels(path: Path) -> np.ndarray:
@@ -160,27 +215,72 @@ def read_pixels(path: Path) -> np.ndarray:
         image.close()
 
 
+def resized(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """What the shipped model's Resizing layer does first (bilinear, as keras.layers.Resizing), done here so
+    that images of any size can share a batch."""
+    import tensorflow as tf
+
+    return tf.image.resize(pixels, size).numpy()
+
+
+def read_or_reason(read: Callable[[Path], np.ndarray], path: Path) -> np.ndarray | str:
+    """The decoded image, or why it cannot be classified (one file's error: the others go on)."""
+    try:
+        return read(path)
+    except PipelineError as error:
+        return getattr(error, "reason", str(error))
+    except OSError as error:
+        return f"cannot read ({error.strerror or error})"
+
+
 def predict_files(
-    model: Any, labels: list[str], files: Iterable[Path], temperature: float = 1.0
+    classifier: Classifier, files: Sequence[Path], temperature: float = 1.0, batch_size: int = PREDICT_BATCH
 ) -> Iterator[Prediction]:
-    """One Prediction per file, in order; probabilities temperature-scaled (statistics.apply_temperature)."""
-    files = list(files)
-    classify = classifier_function(model, len(files))
-    for path in files:
-        try:
-            pixels = read_pixels(path)
-        except PipelineError as error:
-            yield Prediction(str(path), error=getattr(error, "reason", str(error)))
-            continue
-        except OSError as error:
-            yield Prediction(str(path), error=f"cannot read ({error.strerror or error})")
-            continue
+    """One Prediction per file, in order; probabilities temperature-scaled (statistics.apply_temperature).
+
+    Files are decoded by a thread per core, ahead of the model, and classified `batch_size` at a time, each
+    resized first as the model itself would (a model whose input size is unknown: one at a time, at its own
+    size). Memory holds the list of paths and the images decoded ahead, however many files there are.
+    """
+    if classifier.image_size is None:
+        batch_size = 1
+    read = read_pixels
+    if batch_size > 1:
+        size = classifier.image_size
+        read = lambda path: resized(read_pixels(path), size)  # noqa: E731
+    classify = classifier.batch_function(len(files))
+    chunks = (files[i : i + batch_size] for i in range(0, len(files), batch_size))
+    for chunk, decoded in decoded_ahead(read, chunks, max(2, -(-DECODE_AHEAD // batch_size))):
+        images = [image for image in decoded if not isinstance(image, str)]
         # Unrounded: scores need rows that sum to 1, which rounding each of many small probabilities breaks.
-        raw = classify(pixels)
-        scaled = raw if temperature == 1.0 else apply_temperature(raw[np.newaxis], temperature)[0]
-        probabilities = [float(p) for p in scaled]
-        best = int(np.argmax(probabilities))
-        yield Prediction(str(path), labels[best], probabilities[best], probabilities)
+        raw = iter(classify(np.stack(images)) if images else [])
+        for path, image in zip(chunk, decoded):
+            if isinstance(image, str):
+                yield Prediction(str(path), error=image)
+                continue
+            probabilities = next(raw)
+            if temperature != 1.0:
+                probabilities = apply_temperature(probabilities[np.newaxis], temperature)[0]
+            probabilities = [float(p) for p in probabilities]
+            best = int(np.argmax(probabilities))
+            yield Prediction(str(path), classifier.labels[best], probabilities[best], probabilities)
+
+
+def decoded_ahead(
+    read: Callable[[Path], np.ndarray], chunks: Iterable[Sequence[Path]], ahead: int
+) -> Iterator[tuple[Sequence[Path], list[np.ndarray | str]]]:
+    """Each chunk with its images (read_or_reason), in order, decoded by a thread per core; up to `ahead`
+    chunks decode while the caller classifies, and no more than that is held."""
+    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
+        pending: deque[tuple[Sequence[Path], list[Future]]] = deque()
+        for chunk in chunks:
+            pending.append((chunk, [pool.submit(read_or_reason, read, path) for path in chunk]))
+            if len(pending) > ahead:
+                done, futures = pending.popleft()
+                yield done, [future.result() for future in futures]
+        while pending:
+            done, futures = pending.popleft()
+            yield done, [future.result() for future in futures]
 
 
 def class_difference(labels: list[str], classes: list[str]) -> str:
@@ -191,11 +291,11 @@ def class_difference(labels: list[str], classes: list[str]) -> str:
     return f"was trained on other classes: its class {index} is {labels[index]!r}, the data's is {classes[index]!r}"
 
 
-def predict_with_progress(model: Any, labels: list[str], paths: list[Path]) -> list[Prediction]:
+def predict_with_progress(classifier: Classifier, paths: list[Path]) -> list[Prediction]:
     """predict_files over `paths`, with a progress bar: a large backbone on a CPU takes minutes."""
     predictions = []
     with bar(len(paths), "evaluate_model", "img") as progress:
-        for prediction in predict_files(model, labels, paths):
+        for prediction in predict_files(classifier, paths):
             predictions.append(prediction)
             progress.update()
     return predictions
