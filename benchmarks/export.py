@@ -65,8 +65,8 @@ def deployment(key: str, spec: dict[str, Any]) -> dict[str, Any]:
     from tlpipe.extraction import base_forward, deployment_cost, load_extractor
 
     extractor, n_params = load_extractor(key, spec)
-    cost = deployment_cost(extractor, spec["image_size"], 1000)
     forward = base_forward(extractor, spec["image_size"], 1000)
+    cost = deployment_cost(extractor, spec["image_size"], forward)
     batch = np.random.default_rng(0).uniform(0, 255, (32, spec["image_size"], spec["image_size"], 3)).astype(np.float32)
     forward(batch)
     started = time.perf_counter()

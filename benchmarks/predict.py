@@ -10,7 +10,9 @@ and dogs alternating). Then, in one run, so that the ratios hold whatever the ma
 - ceiling: the same runtime on the same images already decoded and resized in memory, at batch 1 and at
   predict's batch size, the faster of the two;
 - tl-predict as a user runs it (a subprocess, on the folder): seconds to its first line and in all, and its
-  peak RSS; `--files N` repeats the test images (hard links) up to N files, to show that memory stays flat.
+  peak RSS, beside the seconds a fresh process takes to import TensorFlow alone (which tl-predict needs to
+  decode as training does); `--files N` repeats the test images (hard links) up to N files, to show that
+  memory stays flat.
 """
 
 from __future__ import annotations
@@ -174,6 +176,9 @@ def main() -> None:
             row["of_keras_ceiling"] = round(row["images_per_s"] / keras_ceiling, 2)
         print(f"today (.keras, one image at a time): {today:.1f} images/s over {n} images")
         print(markdown(rows, list(rows[0])))
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import tensorflow"], check=True, capture_output=True)
+        print(f"import tensorflow alone, in a fresh process: {time.perf_counter() - started:.1f} s")
         for name in ("keras", "tflite"):
             print(paths[name].name, "tl-predict", cli_run(paths[name], folder / "images"), flush=True)
         for count in args.files:

@@ -19,6 +19,7 @@ from tlpipe.datasets import read_manifest, scored_test_rows
 from tlpipe.errors import PipelineError, stage_main
 from tlpipe.export import (
     FORMATS,
+    KERAS,
     Runner,
     artifact_size,
     export_formats,
@@ -35,8 +36,6 @@ from tlpipe.paths import EXPORT_METRICS, EXPORTS_DIR, SHIPPED_LABELS, SHIPPED_MO
 from tlpipe.prediction import load_classifier, one_image, read_pixels
 from tlpipe.progress import bar
 
-KERAS = "keras"
-
 
 @stage_main
 def main() -> None:
@@ -51,12 +50,13 @@ def main() -> None:
             classifier.model, names, folder, log=lambda line: print(f"export: {line}", file=sys.stderr)
         )
         runners = {KERAS: one_image(classifier.batch_function(len(paths)))} | load_runners(names, folder, failed)
+        first = read_pixels(paths[0])  # also the image the latencies are measured on
         with bar(len(paths), "export: every format over the test images", "img") as progress:
-            probabilities, failed_runs = run_all(runners, decoded(paths, progress.update))
+            probabilities, failed_runs = run_all(runners, decoded(paths, first, progress.update))
         if KERAS in failed_runs:
             raise PipelineError(f"{SHIPPED_MODEL} {failed_runs[KERAS]}")
         failed |= failed_runs
-        results = scores(probabilities, y_true, runners, read_pixels(paths[0]), folder, failed)
+        results = scores(probabilities, y_true, runners, first, folder, failed)
         shutil.copyfile(SHIPPED_LABELS, folder / SHIPPED_LABELS.name)
     for name, reason in failed.items():
         print(f"export: {name} not exported: {reason}", file=sys.stderr)
@@ -106,9 +106,10 @@ def scores(
     return results
 
 
-def decoded(paths: list[Path], done: Callable[[], object]) -> Iterator[np.ndarray]:
-    for path in paths:
-        yield read_pixels(path)
+def decoded(paths: list[Path], first: np.ndarray, done: Callable[[], object]) -> Iterator[np.ndarray]:
+    """Each image's pixels, in order; `first` is paths[0], decoded already."""
+    for index, path in enumerate(paths):
+        yield first if index == 0 else read_pixels(path)
         done()
 
 

@@ -57,8 +57,11 @@ def main(key: str) -> None:
         arrays["y_train_aug"] = np.zeros(0, arrays["y_train"].dtype)
     seconds = time.perf_counter() - started
     n_images = sum(len(arrays[f"y_{split}"]) for split in (*SPLITS, "train_aug"))
-    shipped_extractor = extractor if precision == "float32" else load_extractor(key, spec, seed)[0]
-    cost = deployment_cost(shipped_extractor, size, n_images)
+    if precision == "float32":
+        cost = deployment_cost(extractor, size, forward)
+    else:  # what ships is float32: a float32 copy, compiled as the stage compiled its own
+        shipped = load_extractor(key, spec, seed)[0]
+        cost = deployment_cost(shipped, size, base_forward(shipped, size, n_images))
 
     arrays = {name: compact(array) if name.startswith("x_") else array for name, array in arrays.items()}
     write_features(

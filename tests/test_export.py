@@ -190,7 +190,7 @@ def test_the_stage_scores_every_format_and_leaves_out_one_that_misses_its_bar(
     assert metrics["n_test"] == 12 and metrics["backbone"] == "mobilenet"
     for name in ("saved_model", "tflite"):
         assert metrics[name]["agreement"] == 1.0 and metrics[name]["max_probability_difference"] <= 1e-5
-        assert metrics[name]["accuracy"] == metrics["keras"]["accuracy"]
+        assert metrics[name]["accuracy"] == metrics[export.KERAS]["accuracy"]
         assert metrics[name]["latency_ms_p95"] >= metrics[name]["latency_ms_p50"] > 0
     assert metrics["tflite"]["size_bytes"] == (project / "exports/model.tflite").stat().st_size
     assert metrics["onnx"]["max_probability_difference"] == 0.002 and "latency_ms_p50" not in metrics["onnx"]

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from tests.helpers import PROJECT_ROOT
-from tlpipe.export import FORMATS
+from tlpipe.export import FORMATS, KERAS
 from tlpipe.files import megabytes
 from tlpipe.model_card import AUDIT_COUNTS, CALIBRATION_METRICS, TEST_METRICS, CardInputs, number, render
 
@@ -26,9 +26,9 @@ def assert_card_matches_its_sources(
     meant to show is there; every format in metrics/export.json has its row, or its reason for failing."""
     formats = dict(FORMAT_ROW.findall(card))
     kept = {name for name in exports if isinstance(exports[name], dict) and name != "failed"} - exports["failed"].keys()
-    assert {("keras" if file == "models/model.keras" else FORMAT_FILES[file]) for file in formats} == kept
+    assert {(KERAS if file == "models/model.keras" else FORMAT_FILES[file]) for file in formats} == kept
     for file, cells in formats.items():
-        scores = exports["keras" if file == "models/model.keras" else FORMAT_FILES[file]]
+        scores = exports[KERAS if file == "models/model.keras" else FORMAT_FILES[file]]
         size, accuracy, agreement, difference, latency = [cell.strip() for cell in cells.split("|")[2:7]]
         assert size == megabytes(scores["size_bytes"]) and latency == f"{scores['latency_ms_p50']:.1f} ms"
         expected = [number(scores[key]) for key in ("accuracy", "agreement", "max_probability_difference")]

@@ -13,6 +13,9 @@ from tlpipe.files import read_json
 from tlpipe.paths import CLASSES, DROPPED_TEST, MANIFEST
 from tlpipe.runtime import usable_cores
 
+# The name of the training-time augmentation inside a shipped model (identity at inference; export leaves it out).
+AUGMENTATION_LAYER = "augmentation"
+
 if TYPE_CHECKING:
     import keras
     import tensorflow as tf
@@ -144,4 +147,4 @@ def augmentation_layers(augment: dict[str, Any], seed: int) -> keras.Sequential:
         layers.append(keras.layers.RandomTranslation(t, t, fill_mode="reflect", seed=seed + 3))
     if augment["contrast"]:
         layers.append(keras.layers.RandomContrast(augment["contrast"], value_range=(0, 255), seed=seed + 4))
-    return keras.Sequential(layers, name="augmentation")
+    return keras.Sequential(layers, name=AUGMENTATION_LAYER)

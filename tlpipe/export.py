@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from tlpipe.datasets import AUGMENTATION_LAYER
 from tlpipe.errors import first_line
 from tlpipe.inference import LITERT, ONNX_RUNTIME, TENSORFLOW, runtime_outputs
+from tlpipe.models import frozen_function
 
 # One image (H, W, 3), float32 RGB in 0..255 -> its class probabilities (n_classes,).
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -67,7 +69,8 @@ FORMATS: dict[str, ExportFormat] = {
 FLOAT_MIN_AGREEMENT = 0.999
 FLOAT_MAX_PROBABILITY_DIFFERENCE = 1e-3
 QUANTIZED_MAX_ACCURACY_LOSS = 0.01
-AUGMENTATION_LAYER = "augmentation"  # tlpipe.datasets.augmentation_layers: identity at inference
+# The key of the shipped .keras model's own row in metrics/export.json, beside the formats'.
+KERAS = "keras"
 
 
 def serving_model(model: Any) -> Any:
@@ -140,15 +143,13 @@ def convert_onnx(serving: Any, path: Path) -> None:
 
     Not Keras' own ONNX export, which hands tf2onnx the live function: the head's Normalization keeps its
     mean and variance as captured tensors, and tf2onnx turns those into extra graph inputs that nobody feeds.
-    Freezing first makes them constants, as it does for inference (tlpipe.models.inference_function).
+    Freezing first (tlpipe.models.frozen_function, as for inference) makes them constants.
     """
     import tensorflow as tf
     import tf2onnx
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     spec = tf.TensorSpec((None, None, None, 3), tf.float32, name="image")
-    traced = tf.function(lambda image: serving(image, training=False), input_signature=[spec], autograph=False)
-    frozen = convert_variables_to_constants_v2(traced.get_concrete_function())
+    frozen = frozen_function(lambda image: serving(image, training=False), spec)
     (input_name,), (output_name,) = [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
     tf2onnx.convert.from_graph_def(
         frozen.graph.as_graph_def(),

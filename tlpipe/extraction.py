@@ -40,9 +40,9 @@ def load_extractor(key: str, spec: dict[str, Any], seed: int = 0, precision: str
     return extractor, base.count_params()
 
 
-def deployment_cost(extractor: Any, image_size: int, n_images: int) -> dict[str, Any]:
+def deployment_cost(extractor: Any, image_size: int, forward: Callable[[Any], Any]) -> dict[str, Any]:
     """What the frozen base costs where it ships: the size of its float32 weights on disk (`base_bytes`) and
-    its latency on one image (tlpipe.latency), run as the stage runs it over `n_images`.
+    the latency of `forward` (base_forward of `extractor`) on one image (tlpipe.latency).
 
     `extractor` must be the float32 one, as finetune ships it: bfloat16 extraction is emulated, so slower,
     on most CPUs, and nobody ships it. The pixels' values do not change the compute.
@@ -51,7 +51,6 @@ def deployment_cost(extractor: Any, image_size: int, n_images: int) -> dict[str,
 
     from tlpipe.latency import latency_ms
 
-    forward = base_forward(extractor, image_size, n_images)
     image = np.full((image_size, image_size, 3), 127.5, np.float32)
     with tempfile.TemporaryDirectory() as folder:
         weights = Path(folder) / "base.weights.h5"

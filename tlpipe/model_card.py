@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tlpipe.export import FORMATS
+from tlpipe.export import FORMATS, KERAS
 from tlpipe.files import megabytes
 from tlpipe.paths import EXPORTS_DIR, SHIPPED_MODEL
 
@@ -198,7 +198,7 @@ def formats_section(exports: dict[str, Any]) -> str:
         "| file | format | runtime | size | accuracy | agreement | max probability difference | latency p50 |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    rows = [("keras", str(SHIPPED_MODEL), "Keras 3 (`.keras`)", "Keras")] + [
+    rows = [(KERAS, str(SHIPPED_MODEL), "Keras 3 (`.keras`)", "Keras")] + [
         (name, f"{EXPORTS_DIR}/{spec.path}", spec.title, spec.runtime)
         for name, spec in FORMATS.items()
         if name in exports and name not in exports["failed"]

@@ -109,16 +109,26 @@ def inference_function(
     """
     import tensorflow as tf
 
+    spec = tf.TensorSpec(input_shape, tf.float32)
+    if not freeze:
+        traced = tf.function(forward, input_signature=[spec], autograph=False)
+        return lambda inputs: traced(tf.convert_to_tensor(inputs, tf.float32))
+    constant = frozen_function(forward, spec)
+    # The converted function keeps only the flat signature, which takes tensors, not arrays.
+    return lambda inputs: constant(tf.convert_to_tensor(inputs, tf.float32))[0]
+
+
+def frozen_function(forward: Callable[[Any], Any], spec: Any) -> Any:
+    """`forward` traced once for inputs of `spec` (a tf.TensorSpec), its variables turned into constants:
+    a ConcreteFunction, whose graph is also what tf2onnx converts (tlpipe.export.convert_onnx)."""
+    import tensorflow as tf
+
     # The public tf.compat.v1 freezing works on v1 sessions only; this is its TF2 form, stable since TF 2.2.
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     # A model call needs no AutoGraph, which cannot even parse a lambda that shares its line with another.
-    traced = tf.function(forward, input_signature=[tf.TensorSpec(input_shape, tf.float32)], autograph=False)
-    if not freeze:
-        return lambda inputs: traced(tf.convert_to_tensor(inputs, tf.float32))
-    constant = convert_variables_to_constants_v2(traced.get_concrete_function())
-    # The converted function keeps only the flat signature, which takes tensors, not arrays.
-    return lambda inputs: constant(tf.convert_to_tensor(inputs, tf.float32))[0]
+    traced = tf.function(forward, input_signature=[spec], autograph=False)
+    return convert_variables_to_constants_v2(traced.get_concrete_function())
 
 
 def train_head(

@@ -112,6 +112,21 @@ def _sha256(value: Any) -> str | None:
     return f"must be null or 64 hex digits, got {value!r}"
 
 
+# What the export stage can write (tlpipe/export.py FORMATS describes each); here so that validating stays light.
+EXPORT_FORMATS = ("saved_model", "tflite", "tflite_int8", "tflite_float16", "onnx")
+
+
+def _formats(value: Any) -> str | None:
+    allowed = ", ".join(EXPORT_FORMATS)
+    if not isinstance(value, list) or not value:
+        return f"must be a list of one or more of {allowed}, got {value!r}"
+    if unknown := [name for name in value if name not in EXPORT_FORMATS]:
+        return f"unknown format {', '.join(map(repr, unknown))}; allowed: {allowed}"
+    if len(set(value)) < len(value):
+        return "names a format twice"
+    return None
+
+
 AUGMENT = {
     "flip": _bool,
     "rotation": _float(0.0, 0.5),
@@ -167,7 +182,7 @@ SCHEMA: dict[str, Any] = {
         "near_duplicate_threshold": _float(0.0, 1.0, include_low=False),
         "leakage": _choice("report", "drop", "fail"),
     },
-    "export": {"formats": None},  # checked by _check_formats
+    "export": {"formats": _formats},
     "regression": _regression,
 }
 OPTIONAL_SECTIONS: set[str] = set()
@@ -249,26 +264,6 @@ def _check_backbones(backbones: Any, root: Path, problems: list[str]) -> None:
             )
 
 
-# What the export stage can write (tlpipe/export.py FORMATS describes each); here so that validating stays light.
-EXPORT_FORMATS = ("saved_model", "tflite", "tflite_int8", "tflite_float16", "onnx")
-
-
-def _check_formats(export: Any, problems: list[str]) -> None:
-    formats = export.get("formats") if isinstance(export, dict) else None
-    if formats is None and not (isinstance(export, dict) and "formats" in export):
-        return  # a missing section or key is reported by _check_section
-    if not isinstance(formats, list) or not formats:
-        problems.append(
-            f"export.formats: must be a list of one or more of {', '.join(EXPORT_FORMATS)}, got {formats!r}"
-        )
-        return
-    for name in formats:
-        if name not in EXPORT_FORMATS:
-            problems.append(f"export.formats: unknown format {name!r}; allowed: {', '.join(EXPORT_FORMATS)}")
-    if len(set(map(str, formats))) < len(formats):
-        problems.append("export.formats: names a format twice")
-
-
 def validate(params: Any, root: Path = Path(".")) -> list[str]:
     """All problems with `params`, one message each; empty when it is valid."""
     if not isinstance(params, dict):
@@ -281,7 +276,6 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
     backbones = params.get("backbones")
     if isinstance(backbones, dict) and "model" in params and params["model"] not in backbones:
         problems.append(f"model: {params['model']!r} is not a backbone; valid: {', '.join(map(str, backbones))}")
-    _check_formats(params.get("export"), problems)
     audit = params.get("audit")
     if isinstance(backbones, dict) and isinstance(audit, dict) and "backbone" in audit:
         if audit["backbone"] not in backbones:
