@@ -41,12 +41,17 @@ def test_images(shared: Path, n: int) -> list[np.ndarray]:
     from PIL import Image
 
     with zipfile.ZipFile(shared / "data" / "cats_and_dogs_filtered.zip") as archive:
-        names = sorted(name for name in archive.namelist() if "/validation/" in name and name.endswith(".jpg"))
-        cats, dogs = [name for name in names if "/cats/" in name], [name for name in names if "/dogs/" in name]
-        chosen = [name for pair in zip(cats, dogs) for name in pair][:n]
         return [
-            np.asarray(Image.open(io.BytesIO(archive.read(name))).convert("RGB"), dtype=np.float32) for name in chosen
+            np.asarray(Image.open(io.BytesIO(archive.read(name))).convert("RGB"), dtype=np.float32)
+            for name in validation_names(archive, n)
         ]
+
+
+def validation_names(archive: zipfile.ZipFile, n: int) -> list[str]:
+    """The first n validation images of the shared zip, cats and dogs alternating."""
+    names = sorted(name for name in archive.namelist() if "/validation/" in name and name.endswith(".jpg"))
+    cats, dogs = [name for name in names if "/cats/" in name], [name for name in names if "/dogs/" in name]
+    return [name for pair in zip(cats, dogs) for name in pair][:n]
 
 
 def shipped_model(spec: dict[str, Any]) -> Any:
@@ -84,7 +89,8 @@ def deployment(key: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(key: str, spec: dict[str, Any], images: list[np.ndarray], runs: int) -> list[dict[str, Any]]:
-    from tlpipe.prediction import keras_classifier, one_image
+    from tlpipe.inference import one_image
+    from tlpipe.prediction import keras_classifier
 
     model = shipped_model(spec)
     keras_run = one_image(keras_classifier(model, []).batch_function(len(images)))

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.benchmark import PROJECT_ROOT
-from benchmarks.export import markdown, shipped_model
+from benchmarks.export import markdown, shipped_model, validation_names
 from tlpipe import export, prediction
+from tlpipe.inference import one_image
 
 WEIGHTS = "weights/mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
 LABELS = ["cats", "dogs"]
@@ -42,9 +43,7 @@ LABELS = ["cats", "dogs"]
 def extract_images(shared: Path, folder: Path, n: int) -> list[Path]:
     """The first n validation images of the shared zip, cats and dogs alternating, as files in `folder`."""
     with zipfile.ZipFile(shared / "data" / "cats_and_dogs_filtered.zip") as archive:
-        names = sorted(name for name in archive.namelist() if "/validation/" in name and name.endswith(".jpg"))
-        cats, dogs = [name for name in names if "/cats/" in name], [name for name in names if "/dogs/" in name]
-        chosen = [name for pair in zip(cats, dogs) for name in pair][:n]
+        chosen = validation_names(archive, n)
         archive.extractall(folder, chosen)
     return [folder / name for name in chosen]
 
@@ -143,7 +142,7 @@ def main() -> None:
         paths = save_models(folder, args.shared)
         classifiers = {name: prediction.load_classifier(path) for name, path in paths.items()}
         keras = classifiers["keras"]
-        one = prediction.one_image(keras.batch_function(n))
+        one = one_image(keras.batch_function(n))
         one(prediction.read_pixels(files[0]))  # compiled before the clock starts, as in the batched path
         today, reference = rate(n, lambda: np.array([one(prediction.read_pixels(path)) for path in files]))
         size = keras.image_size

@@ -30,10 +30,11 @@ from tlpipe.export import (
     run_all,
 )
 from tlpipe.files import atomic_dir, megabytes, write_json
+from tlpipe.inference import one_image
 from tlpipe.latency import latency_ms
 from tlpipe.params import load_params
 from tlpipe.paths import EXPORT_METRICS, EXPORTS_DIR, SHIPPED_LABELS, SHIPPED_MODEL
-from tlpipe.prediction import load_classifier, one_image, read_pixels
+from tlpipe.prediction import load_classifier, read_pixels
 from tlpipe.progress import bar
 
 

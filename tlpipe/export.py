@@ -26,7 +26,7 @@ import numpy as np
 
 from tlpipe.datasets import AUGMENTATION_LAYER
 from tlpipe.errors import first_line
-from tlpipe.inference import LITERT, ONNX_RUNTIME, TENSORFLOW, runtime_outputs
+from tlpipe.inference import LITERT, ONNX_RUNTIME, TENSORFLOW, one_image, runtime_outputs
 from tlpipe.models import frozen_function
 
 # One image (H, W, 3), float32 RGB in 0..255 -> its class probabilities (n_classes,).
@@ -218,7 +218,7 @@ def load_runner(name: str, path: Path) -> Runner:
     from tlpipe.scoring import class_probabilities
 
     outputs, _ = runtime_outputs(FORMATS[name].runtime, path)
-    return lambda image: class_probabilities(outputs(image[np.newaxis]))[0]
+    return one_image(lambda images: class_probabilities(outputs(images)))
 
 
 def parity(reference: np.ndarray, probabilities: np.ndarray, y_true: np.ndarray) -> dict[str, float]:

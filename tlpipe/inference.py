@@ -36,6 +36,11 @@ def keras_outputs(model: Any, n_images: int) -> Outputs:
     return lambda images: forward(images).numpy()
 
 
+def one_image(classify: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """A function of a batch as a function of one image (H, W, 3)."""
+    return lambda image: classify(image[np.newaxis])[0]
+
+
 def runtime_outputs(runtime: str, path: Path) -> tuple[Outputs, int | None]:
     """The exported model at `path` loaded in `runtime` (TENSORFLOW: a SavedModel folder), and how many
     outputs it has per image (None where the runtime does not say before it runs)."""

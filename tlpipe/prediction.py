@@ -124,7 +124,6 @@ class Classifier:
     a time. `model` is the Keras model of a .keras file; an export has `outputs` instead.
     """
 
-    path: Path
     labels: list[str]
     runtime: str
     image_size: tuple[int, int] | None
@@ -156,7 +155,7 @@ def load_classifier(model_path: Path, remedy: str = "run dvc repro to build it")
     if runtime is None:
         model = load_model(model_path)
         check_outputs(model.output_shape[-1], labels, model_path)
-        return keras_classifier(model, labels, model_path)
+        return keras_classifier(model, labels)
     try:
         outputs, width = runtime_outputs(runtime, model_path)
     except Exception as error:  # noqa: BLE001 - a damaged file: each runtime raises its own error type
@@ -166,12 +165,12 @@ def load_classifier(model_path: Path, remedy: str = "run dvc repro to build it")
     check_outputs(width, labels, model_path)
     size = read_json(model_path.parent / "labels.json").get("image_size")
     image_size = (size, size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
-    return Classifier(model_path, labels, runtime, image_size, outputs=outputs)
+    return Classifier(labels, runtime, image_size, outputs=outputs)
 
 
-def keras_classifier(model: Any, labels: list[str], path: Path = Path("model.keras")) -> Classifier:
-    """A Keras model in memory as a Classifier (`path` names it in messages)."""
-    return Classifier(path, labels, TENSORFLOW, resizing_size(model), model=model)
+def keras_classifier(model: Any, labels: list[str]) -> Classifier:
+    """A Keras model in memory as a Classifier."""
+    return Classifier(labels, TENSORFLOW, resizing_size(model), model=model)
 
 
 def resizing_size(model: Any) -> tuple[int, int] | None:
@@ -182,11 +181,6 @@ def resizing_size(model: Any) -> tuple[int, int] | None:
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     first = layers[0] if layers else None
     return (first.height, first.width) if isinstance(first, keras.layers.Resizing) else None
-
-
-def one_image(classify: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch function as a function of one image (H, W, 3)."""
-    return lambda image: classify(image[np.newaxis])[0]
 
 
 def read_pixels(path: Path) -> np.ndarray:
