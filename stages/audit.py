@@ -101,9 +101,7 @@ def audit_duplicates(
     images: audit.Images, unit: np.ndarray, classes: list[str], settings: dict[str, Any], notes: list[str]
 ) -> tuple[audit.Duplicates, pd.DataFrame]:
     """Find and write the duplicate pairs; return them and the pairs that leak a test image."""
-    duplicates = audit.find_duplicates(
-        images, unit, audit.file_digests(images.paths), settings["near_duplicate_threshold"], classes
-    )
+    duplicates = audit.find_duplicates(images, unit, images.digests, settings["near_duplicate_threshold"], classes)
     listed = len(duplicates.pairs) - duplicates.counts["exact_duplicate_pairs"]
     if listed < duplicates.counts["near_duplicate_pairs"]:
         notes.append(

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
 from tlpipe.datasets import SPLITS, augmentation_layers, read_manifest, split_rows
 from tlpipe.errors import PipelineError, stage_main
 from tlpipe.extraction import (
+    Engine,
+    LocalEngine,
     base_forward,
     bfloat16_notice,
     deployment_cost,
@@ -39,29 +42,31 @@ def main(key: str) -> None:
         print(f"{key}: {notice}", file=sys.stderr)
 
     manifest = read_manifest()
-    extractor, n_params = load_extractor(key, spec, seed, precision)
     size, batch_size, views = spec["image_size"], settings["batch_size"], settings["views"]
     rows = {split: split_rows(manifest, split) for split in SPLITS}
-    forward = base_forward(extractor, size, n_images=sum(map(len, rows.values())) + views * len(rows["train"]))
+    n_images = sum(map(len, rows.values())) + views * len(rows["train"])
 
-    started = time.perf_counter()
-    arrays = extract_splits(forward, rows, size, batch_size, key)
-    if views:
-        augmenter = augmentation_layers(settings["augment"], seed)
-        desc = f"{key} {views} views"
-        arrays["x_train_aug"], arrays["y_train_aug"] = extract_views(
-            forward, augmenter, rows["train"], views, size, batch_size, desc
-        )
+    if settings["engine"] == "ray":
+        from tlpipe.ray_engine import RayEngine
+
+        job = {"key": key, "spec": dict(spec), "seed": seed, "precision": precision}
+        with RayEngine(settings["ray"], job | {"batch_size": batch_size, "n_images": n_images}) as engine:
+            started = time.perf_counter()
+            arrays = extract_all(engine, rows, settings, seed, size, key)
+            seconds = time.perf_counter() - started
+        extractor = forward = None
     else:
-        arrays["x_train_aug"] = np.zeros((0, arrays["x_train"].shape[1]), np.float32)
-        arrays["y_train_aug"] = np.zeros(0, arrays["y_train"].dtype)
-    seconds = time.perf_counter() - started
+        extractor, n_params = load_extractor(key, spec, seed, precision)
+        forward = base_forward(extractor, size, n_images)
+        started = time.perf_counter()
+        arrays = extract_all(LocalEngine(forward, size, batch_size), rows, settings, seed, size, key)
+        seconds = time.perf_counter() - started
+    if precision != "float32" or extractor is None:
+        # What ships is float32 and runs here: a float32 copy, compiled as the stage compiles its own.
+        extractor, n_params = load_extractor(key, spec, seed)
+        forward = base_forward(extractor, size, n_images)
+    cost = deployment_cost(extractor, size, forward)
     n_images = sum(len(arrays[f"y_{split}"]) for split in (*SPLITS, "train_aug"))
-    if precision == "float32":
-        cost = deployment_cost(extractor, size, forward)
-    else:  # what ships is float32: a float32 copy, compiled as the stage compiled its own
-        shipped = load_extractor(key, spec, seed)[0]
-        cost = deployment_cost(shipped, size, base_forward(shipped, size, n_images))
 
     arrays = {name: compact(array) if name.startswith("x_") else array for name, array in arrays.items()}
     write_features(
@@ -78,12 +83,30 @@ def main(key: str) -> None:
             "images": n_images,
             "seconds": round(seconds, 2),
             "images_per_second": round(n_images / seconds, 1),
+            "engine": settings["engine"],
         }
         | cost,
     )
     print(
         f"{key}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.1f} images/s, {precision})", file=sys.stderr
     )
+
+
+def extract_all(
+    engine: Engine, rows: dict[str, Any], settings: dict[str, Any], seed: int, size: int, key: str
+) -> dict[str, np.ndarray]:
+    """Every array of the cache: each split's features and labels, and the augmented views' (maybe none)."""
+    arrays = extract_splits(engine, rows, key)
+    views, batch_size = settings["views"], settings["batch_size"]
+    if views:
+        augmenter = augmentation_layers(settings["augment"], seed)
+        arrays["x_train_aug"], arrays["y_train_aug"] = extract_views(
+            engine, augmenter, rows["train"], views, size, batch_size, f"{key} {views} views"
+        )
+    else:
+        arrays["x_train_aug"] = np.zeros((0, arrays["x_train"].shape[1]), np.float32)
+        arrays["y_train_aug"] = np.zeros(0, arrays["y_train"].dtype)
+    return arrays
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from, with the server's validators for the next check, is recorded in `data/raw/
 
 from __future__ import annotations
 
-from tlpipe.download import Source, fetch, file_sha256, read_record
+from tlpipe.download import Source, fetch, read_record
 from tlpipe.errors import stage_main
+from tlpipe.files import sha256_file
 from tlpipe.params import load_params
 from tlpipe.paths import RAW_ARCHIVE, SOURCE_RECORD
 
@@ -22,7 +23,7 @@ from tlpipe.paths import RAW_ARCHIVE, SOURCE_RECORD
 def main() -> None:
     data = load_params()["data"]
     archive = fetch(data["url"], RAW_ARCHIVE, data["sha256"], record=SOURCE_RECORD)
-    source = read_record(SOURCE_RECORD) or Source(data["url"], file_sha256(archive), archive.stat().st_size)
+    source = read_record(SOURCE_RECORD) or Source(data["url"], sha256_file(archive), archive.stat().st_size)
     pin = "" if data["sha256"] else " (set data.sha256 to this to pin the dataset)"
     print(f"{archive}: {source.size} bytes, sha256 {source.sha256}{pin}")
 

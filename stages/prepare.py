@@ -2,7 +2,7 @@
 
 Writes data/prepared/ (built in a temporary sibling folder and renamed into place at the end):
   images/        the unpacked archive; converted images replace their originals as `<name>.png`
-  manifest.csv   path,label,split (train, val, test); paths relative to the project root
+  manifest.csv   path,label,split (train, val, test),sha256; paths relative to the project root
   classes.json   the sorted class names; a label's index is its position in this list
   report.json    classes, counts per split and class, skipped files, converted images, ignored entries,
                  warnings (classes with fewer than MIN_TRAIN_IMAGES training images)

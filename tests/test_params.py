@@ -62,6 +62,13 @@ def test_the_shipped_params_are_valid() -> None:
         ({"features__precision": "float16"}, "features.precision: must be one of float32, bfloat16, got 'float16'"),
         ({"features__precision": KeyError}, "features.precision: missing"),
         ({"backbones__vgg16__precision": "half"}, "backbones.vgg16.precision: must be one of float32, bfloat16"),
+        ({"features__engine": "spark"}, "features.engine: must be one of local, ray, got 'spark'"),
+        ({"features__ray__workers": 0}, "features.ray.workers: must be between 1 and 4096, got 0"),
+        ({"features__ray__cpus_per_worker": 0}, "features.ray.cpus_per_worker: must be in (0.0, 1024.0]"),
+        ({"features__ray__gpus_per_worker": -1}, "features.ray.gpus_per_worker: must be in [0.0, 64.0]"),
+        ({"features__ray__address": "head-node"}, "features.ray.address: must be null (start Ray on this machine)"),
+        ({"features__ray__address": ""}, "features.ray.address: must be null"),
+        ({"features__ray__nodes": 3}, "features.ray.nodes: unknown parameter; allowed: address, workers"),
         ({"seed": -1}, "seed: must be between 0"),
         ({"colour": "blue"}, "colour: unknown parameter; allowed: data, seed"),
     ],
@@ -153,3 +160,19 @@ def test_traced_params_record_what_a_stage_reads(tmp_path: Path, monkeypatch: py
         "finetune.augment.zoom",
     } <= reads
     assert not any(name.startswith(("data", "features")) for name in reads)
+
+
+@pytest.mark.parametrize("address", [None, "auto", "10.0.0.5:6379", "ray://head.example:10001", "[::1]:6379"])
+def test_ray_addresses_that_ray_accepts_are_valid(address: str | None) -> None:
+    assert problems_with(features__ray__address=address) == []
+
+
+def test_a_params_yaml_from_before_the_engine_runs_locally(tmp_path: Path) -> None:
+    """features.engine and features.ray came later: a params.yaml without them keeps its meaning."""
+    old = copy.deepcopy(DEFAULTS)
+    del old["features"]["engine"], old["features"]["ray"]
+    assert validate(old, PROJECT_ROOT) == []
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(old))
+    features = load_params(tmp_path / "params.yaml")["features"]
+    assert features["engine"] == "local" and features["ray"]["address"] is None and features["ray"]["workers"] == 2
+    assert "engine" not in old["features"]  # the caller's dict is left alone

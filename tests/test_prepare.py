@@ -144,9 +144,10 @@ def test_two_level_layout_counts_paths_and_outputs(tmp_path, monkeypatch):
         ("val", "dogs"): 1,
         ("test", "dogs"): 3,
     }
-    assert list(rows[0]) == ["path", "label", "split"]
+    assert list(rows[0]) == ["path", "label", "split", "sha256"]
     for row in rows:
         assert (tmp_path / row["path"]).is_file()
+        assert row["sha256"] == hashlib.sha256((tmp_path / row["path"]).read_bytes()).hexdigest()
         folder = "validation" if row["split"] == "test" else "train"
         assert row["path"].startswith(f"data/prepared/images/dataset/{folder}/{row['label']}/")
     order = ["train", "val", "test"]

@@ -14,9 +14,7 @@ of the features is image i everywhere here.
 
 from __future__ import annotations
 
-import hashlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,6 @@ import pandas as pd
 
 from tlpipe.datasets import SPLITS, split_rows
 from tlpipe.errors import PipelineError
-from tlpipe.runtime import usable_cores
 
 LEAKAGE_MODES = ("report", "drop", "fail")
 # Rows of the similarity matrix scored at once: BLOCK_ROWS x n float32 (at 30,000 images, 123 MB).
@@ -55,31 +52,19 @@ class Images:
     paths: list[str]
     splits: np.ndarray  # "train" | "val" | "test"
     labels: np.ndarray  # class index
+    digests: list[str] = field(default_factory=list)  # sha256 of each file, from the manifest
 
     @classmethod
     def from_manifest(cls, manifest: pd.DataFrame) -> Images:
         rows = pd.concat([split_rows(manifest, split) for split in SPLITS], ignore_index=True)
-        return cls(list(rows["path"]), rows["split"].to_numpy(), rows["label_index"].to_numpy())
+        return cls(list(rows["path"]), rows["split"].to_numpy(), rows["label_index"].to_numpy(), list(rows["sha256"]))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, mask: np.ndarray) -> Images:
-        return Images([path for path, keep in zip(self.paths, mask) if keep], self.splits[mask], self.labels[mask])
-
-
-def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_digests(paths: list[str]) -> list[str]:
-    # Threads: hashlib releases the GIL on large buffers, and the reads wait on the disk.
-    with ThreadPoolExecutor(max_workers=max(2, usable_cores())) as pool:
-        return list(pool.map(file_digest, paths))
+        kept = lambda items: [item for item, keep in zip(items, mask) if keep]  # noqa: E731
+        return Images(kept(self.paths), self.splits[mask], self.labels[mask], kept(self.digests))
 
 
 def exact_pairs(digests: list[str]) -> tuple[np.ndarray, np.ndarray]:

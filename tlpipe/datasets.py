@@ -31,12 +31,12 @@ def read_classes(path: Path = CLASSES) -> list[str]:
 
 
 def read_manifest(path: Path = MANIFEST) -> pd.DataFrame:
-    """The image list (path, label, split), with `label_index` added from classes.json."""
+    """The image list (path, label, split, sha256), with `label_index` added from classes.json."""
     try:
         manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing; run dvc repro prepare") from None
-    missing = {"path", "label", "split"} - set(manifest.columns)
+    missing = {"path", "label", "split", "sha256"} - set(manifest.columns)
     if missing:
         raise PipelineError(f"{path} lacks columns {sorted(missing)}; rerun dvc repro prepare")
     index = {name: i for i, name in enumerate(read_classes(path.parent / CLASSES.name))}
@@ -70,13 +70,21 @@ def scored_test_rows(manifest: pd.DataFrame, dropped: Path = DROPPED_TEST) -> tu
     return rows[keep], keep
 
 
-def decode_resized(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """File -> float32 RGB in 0..255 at image_size x image_size (bilinear, as keras.layers.Resizing)."""
+def resized_image(contents: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded image file contents -> float32 RGB in 0..255 at image_size x image_size (bilinear, as
+    keras.layers.Resizing)."""
     import tensorflow as tf
 
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
     image = tf.image.resize(image, (image_size, image_size), method="bilinear")
     return tf.ensure_shape(image, (image_size, image_size, 3))
+
+
+def decode_resized(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """File -> float32 RGB in 0..255 at image_size x image_size (resized_image of its contents)."""
+    import tensorflow as tf
+
+    return resized_image(tf.io.read_file(path), image_size)
 
 
 def image_dataset(
@@ -103,6 +111,21 @@ def image_dataset(
         decode = lambda path: decode_resized(path, image_size)  # noqa: E731
     else:
         decode = lambda path, label: (decode_resized(path, image_size), label)  # noqa: E731
+    return _decoded_batches(items, decode, batch_size, autotune)
+
+
+def encoded_image_dataset(contents: list[bytes], image_size: int, batch_size: int) -> tf.data.Dataset:
+    """image_dataset over the files' contents instead of their paths: for a worker that cannot see the files
+    (tlpipe.ray_engine). The same decoding, so the same pixels."""
+    import tensorflow as tf
+
+    items = tf.data.Dataset.from_tensor_slices(tf.constant(contents, tf.string))
+    return _decoded_batches(items, lambda encoded: resized_image(encoded, image_size), batch_size, None)
+
+
+def _decoded_batches(items: tf.data.Dataset, decode: Any, batch_size: int, autotune: bool | None) -> tf.data.Dataset:
+    import tensorflow as tf
+
     if autotune is None:
         autotune = bool(tf.config.list_logical_devices("GPU"))
     parallel = tf.data.AUTOTUNE if autotune else usable_cores()

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from tlpipe import progress
 from tlpipe.errors import PipelineError
-from tlpipe.files import atomic_path, write_text
+from tlpipe.files import atomic_path, sha256_file, write_text
 from tlpipe.paths import PARTIAL_DIR, SOURCE_RECORD
 
 CHUNK = 1 << 20
@@ -157,14 +157,6 @@ def partial_path(url: str, partial_dir: Path) -> Path:
     return partial_dir / f"{hashlib.sha1(url.encode('utf-8')).hexdigest()}.part"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_record(path: Path) -> Source | None:
     """The Source stored at `path`, or None if there is none or it cannot be read.
 
@@ -194,7 +186,7 @@ def write_record(path: Path, source: Source) -> None:
 
 def _digest(path: Path) -> str | None:
     """The sha256 of `path`, or None when there is no such file."""
-    return file_sha256(path) if path.is_file() else None
+    return sha256_file(path) if path.is_file() else None
 
 
 def _decided(decision: str, detail: str) -> None:
@@ -218,7 +210,7 @@ def _sync_local(url: str, target: Path, sha256: str | None) -> Source:
             # Raising inside the block makes atomic_path delete the copy: unverified, or not needed.
             digest = _verify(tmp, sha256, url)
             size = tmp.stat().st_size
-            if existed and target.stat().st_size == size and file_sha256(target) == digest:
+            if existed and target.stat().st_size == size and sha256_file(target) == digest:
                 raise _Unchanged
     except _Unchanged:
         _decided("unchanged", f"{url} holds the same data as {target}; left as it is")
@@ -515,7 +507,7 @@ def _give_up(url: str, partial: Path, failure: _Transient, attempts: int) -> Sou
 
 def _verify(path: Path, expected: str | None, url: str) -> str:
     """The sha256 of `path`; raise if it is not `expected`, deleting `path` so no rerun resumes from bad bytes."""
-    actual = file_sha256(path)
+    actual = sha256_file(path)
     if expected is not None and actual != expected.lower():
         path.unlink(missing_ok=True)
         raise PipelineError(

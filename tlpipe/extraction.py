@@ -7,9 +7,10 @@ classic recipe; the head then trains on the cached arrays.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -94,28 +95,50 @@ def base_forward(extractor: Any, image_size: int, n_images: int) -> Callable[[An
     )
 
 
+class Engine(Protocol):
+    """What runs the frozen base over images for the features stage (`features.engine`): LocalEngine, or
+    tlpipe.ray_engine.RayEngine. Both return features in the order of their input."""
+
+    def files(self, paths: list[str], desc: str) -> np.ndarray:
+        """Features of the image files in `paths`, decoded and resized as datasets.image_dataset does."""
+
+    def batches(self, batches: Iterable[Any], n_images: int, desc: str) -> np.ndarray:
+        """Features of batches of images already decoded (augmented views), `n_images` in all."""
+
+
+@dataclass(frozen=True)
+class LocalEngine:
+    """The base on this machine: `forward` is base_forward of the extractor."""
+
+    forward: Callable[[Any], Any]
+    image_size: int
+    batch_size: int
+
+    def files(self, paths: list[str], desc: str) -> np.ndarray:
+        # On CPU the next batch is decoded while the model runs over this one, on the same cores; that costs
+        # the forward pass only the decoding's own CPU time (see datasets.image_dataset).
+        return self.batches(image_dataset(paths, self.image_size, self.batch_size), len(paths), desc)
+
+    def batches(self, batches: Iterable[Any], n_images: int, desc: str) -> np.ndarray:
+        features = []
+        with progress.bar(n_images, desc) as shown:
+            for images in batches:
+                features.append(self.forward(images).numpy())
+                shown.update(len(features[-1]))
+        return np.concatenate(features)
+
+
 def extract(forward: Callable[[Any], Any], paths: list[str], image_size: int, batch_size: int, desc: str) -> np.ndarray:
-    """Features of the images in `paths`, in order.
-
-    On CPU the next batch is decoded while the model runs over this one, on the same cores; that costs the
-    forward pass only the decoding's own CPU time (see datasets.image_dataset).
-    """
-    features = []
-    with progress.bar(len(paths), desc) as shown:
-        for images in image_dataset(paths, image_size, batch_size):
-            features.append(forward(images).numpy())
-            shown.update(len(features[-1]))
-    return np.concatenate(features)
+    """Features of the images in `paths`, in order, on this machine."""
+    return LocalEngine(forward, image_size, batch_size).files(paths, desc)
 
 
-def extract_splits(
-    forward: Callable[[Any], Any], rows: dict[str, Any], image_size: int, batch_size: int, desc: str
-) -> dict[str, np.ndarray]:
+def extract_splits(engine: Engine, rows: dict[str, Any], desc: str) -> dict[str, np.ndarray]:
     """`x_<split>` features and `y_<split>` labels for each split of `rows` (manifest rows by split).
 
     One pass over every image, in the order of `rows`, then cut back into splits: a single progress bar.
     """
-    every_image = extract(forward, [p for part in rows.values() for p in part["path"]], image_size, batch_size, desc)
+    every_image = engine.files([p for part in rows.values() for p in part["path"]], desc)
     ends = np.cumsum([len(part) for part in rows.values()])
     arrays: dict[str, np.ndarray] = {}
     for (split, part), features in zip(rows.items(), np.split(every_image, ends[:-1])):
@@ -125,7 +148,7 @@ def extract_splits(
 
 
 def extract_views(
-    forward: Callable[[Any], Any],
+    engine: Engine,
     augmenter: Any,
     train_rows: Any,
     views: int,
@@ -133,8 +156,13 @@ def extract_views(
     batch_size: int,
     desc: str,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of `views` augmented copies of each training image (the augmentation is seeded)."""
+    """Features and labels of `views` augmented copies of each training image.
+
+    The augmentation is seeded and its random state advances batch by batch, so it runs here, in one stream
+    whatever the engine: the views are the same on every engine and every run.
+    """
     augment = traced(lambda images: augmenter(images, training=True), image_size)
     paths = list(train_rows["path"]) * views
-    features = extract(lambda images: forward(augment(images)), paths, image_size, batch_size, desc)
+    augmented = (augment(images) for images in image_dataset(paths, image_size, batch_size))
+    features = engine.batches(augmented, len(paths), desc)
     return features, np.tile(train_rows["label_index"].to_numpy(), views)

@@ -1,8 +1,10 @@
-"""Writing outputs so that a killed or failing stage never leaves a half-written file; reading JSON; file sizes."""
+"""Writing outputs so that a killed or failing stage never leaves a half-written file; reading JSON; file sizes
+and digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -85,3 +87,11 @@ def read_json(path: Path | str) -> Any:
         raise PipelineError(f"{path} is missing; run the stage that writes it (dvc repro)") from None
     except json.JSONDecodeError as error:
         raise PipelineError(f"{path} is not valid JSON ({error}); delete it and rerun dvc repro") from None
+
+
+def sha256_file(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -100,6 +100,23 @@ def _regression(value: Any) -> str | None:
     return None
 
 
+def host_and_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of `host:port` or `scheme://host:port`, else None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address if "://" in address else f"tcp://{address}")
+        return (parts.hostname, parts.port) if parts.hostname and parts.port else None
+    except ValueError:
+        return None
+
+
+def _address(value: Any) -> str | None:
+    if value is None or value == "auto" or (isinstance(value, str) and host_and_port(value)):
+        return None
+    return f"must be null (start Ray on this machine), auto, host:port or ray://host:port, got {value!r}"
+
+
 def _url(value: Any) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return "must be an http(s):// or file:// URL or a local path"
@@ -151,6 +168,13 @@ SCHEMA: dict[str, Any] = {
         "precision": _choice(*PRECISIONS),
         "views": _int(0, 20),
         "augment": AUGMENT,
+        "engine": _choice("local", "ray"),
+        "ray": {
+            "address": _address,
+            "workers": _int(1, 4096),
+            "cpus_per_worker": _float(0.0, 1024.0, include_low=False),
+            "gpus_per_worker": _float(0.0, 64.0),
+        },
     },
     "train": {
         "epochs": _int(1, 10000),
@@ -186,6 +210,12 @@ SCHEMA: dict[str, Any] = {
     "regression": _regression,
 }
 OPTIONAL_SECTIONS: set[str] = set()
+# Parameters added after users had a params.yaml: where absent, they take these values (a params.yaml
+# written before them means what it meant).
+DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("features", "engine"): "local",
+    ("features", "ray"): {"address": None, "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0},
+}
 # Parameters that moved or went away: an old params.yaml gets one line per key naming the new spelling.
 MOVED = {
     ("augment",): (
@@ -271,6 +301,7 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
     if moved := moved_parameters(params):
         return moved
     problems: list[str] = []
+    params = with_defaults(params)
     _check_section("", SCHEMA, params, problems)
     _check_backbones(params.get("backbones"), root, problems)
     backbones = params.get("backbones")
@@ -284,6 +315,20 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
                 f"{', '.join(map(str, backbones))}"
             )
     return problems
+
+
+def with_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with every absent parameter of DEFAULTS set (a copy of the sections that change)."""
+    params = dict(params)
+    for (*path, key), value in DEFAULTS.items():
+        section = params
+        for name in path:
+            if not isinstance(section.get(name), dict):
+                break
+            section[name] = section = dict(section[name])
+        else:
+            section.setdefault(key, value)
+    return params
 
 
 def _lookup(params: Any, keys: tuple[str, ...]) -> tuple[bool, Any]:
@@ -359,6 +404,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     problems = validate(params, path.parent)
     if problems:
         raise PipelineError(f"{path} is invalid:\n" + "\n".join(f"  {path}: {p}" for p in problems))
+    params = with_defaults(params)
     if trace := os.environ.get(TRACE_VARIABLE):
         return recording_reads(params, trace)
     return params

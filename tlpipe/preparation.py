@@ -27,7 +27,7 @@ import numpy as np
 from tlpipe import progress
 from tlpipe.datasets import SPLITS
 from tlpipe.errors import PipelineError
-from tlpipe.files import atomic_dir, write_json
+from tlpipe.files import atomic_dir, sha256_file, write_json
 from tlpipe.images import ImageRejected, is_tf_ready, open_image, pixel_limit, to_rgb
 from tlpipe.paths import CLASSES, MANIFEST, REPORT
 
@@ -443,10 +443,14 @@ def carve(files: list[Path], fraction: float, rng: np.random.Generator, keep: in
 
 
 def write_manifest(path: Path, rows: list[tuple[Path, str, str]], public: Callable[[Path], str]) -> None:
+    """path,label,split,sha256 of each image. The digests make the manifest stand for the images' contents:
+    later stages declare it as their dependency instead of the folder of images, which DVC would otherwise
+    walk once per stage on every `dvc repro` (README "Scaling")."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "split"])
-    writer.writerows((public(image), label, split) for image, label, split in rows)
+    writer.writerow(["path", "label", "split", "sha256"])
+    digests = sha256_files([image for image, _, _ in rows])
+    writer.writerows((public(image), label, split, digest) for (image, label, split), digest in zip(rows, digests))
     path.write_text(buffer.getvalue(), encoding="utf-8")
 
 
@@ -488,3 +492,10 @@ def summary(report: dict[str, Any]) -> str:
         f"skipped {len(report['skipped'])}, converted {len(report['converted'])}, "
         f"ignored {report['ignored']} hidden entries"
     )
+
+
+def sha256_files(paths: list[Path] | list[str]) -> list[str]:
+    """files.sha256_file of each path, in order."""
+    # Threads: hashlib releases the GIL on large buffers, and the reads wait on the disk.
+    with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(sha256_file, paths))
