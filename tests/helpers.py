@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +155,28 @@ def training_logs(project: Path) -> dict[str, dict]:
     """The final training and validation losses of every head and of fine-tuning, at full float precision."""
     logs = sorted((project / "metrics").glob("train/*/metrics.json")) + [project / "metrics/finetune/metrics.json"]
     return {str(p.relative_to(project)): json.loads(p.read_text()) for p in logs}
+
+
+@contextlib.contextmanager
+def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[str]:
+    """A real Ray cluster of `nodes` nodes on 127.0.0.1, started here and stopped on the way out; yields its
+    address (features.ray.address).
+
+    Ray swaps a loopback address for the machine's own, where nothing of this cluster listens: the variable
+    keeps the processes Ray starts on 127.0.0.1, the constant this one.
+    """
+    import pytest
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+        patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        node = {"num_cpus": cpus_per_node, "node_ip_address": "127.0.0.1"}
+        cluster = Cluster(initialize_head=True, head_node_args=node | {"include_dashboard": False})
+        try:
+            for _ in range(nodes - 1):
+                cluster.add_node(**node)
+            yield cluster.address
+        finally:
+            cluster.shutdown()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import SHARED_DIR, make_project, require_shared, stages_in_process
+from tests.helpers import SHARED_DIR, local_ray_cluster, make_project, require_shared, stages_in_process
 from tests.synthetic import write_dataset_zip
 from tlpipe import ray_engine
 from tlpipe.errors import PipelineError
@@ -29,30 +29,11 @@ KEY = "mobilenet"
 FEATURES = Path("data/features") / KEY
 
 
-@pytest.fixture(scope="module", autouse=True)
-def loopback() -> Iterator[None]:
-    """Ray swaps a loopback address for the machine's own: this keeps every Ray server and client of these
-    tests on 127.0.0.1 (the variable for the processes Ray starts, the constant for this one)."""
-    from ray._private import ray_constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
-        patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-        yield
-
-
 @pytest.fixture(scope="module")
-def cluster(loopback: None) -> Iterator[str]:
+def cluster() -> Iterator[str]:
     """The address of a two-node Ray cluster on 127.0.0.1, one CPU per node."""
-    from ray.cluster_utils import Cluster
-
-    nodes = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-    ray_cluster = Cluster(initialize_head=True, head_node_args=nodes | {"include_dashboard": False})
-    try:
-        ray_cluster.add_node(**nodes)
-        yield ray_cluster.address
-    finally:
-        ray_cluster.shutdown()
+    with local_ray_cluster(nodes=2, cpus_per_node=1) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +180,9 @@ def test_a_cluster_that_cannot_serve_is_one_line(
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_worker_that_cannot_build_the_base_is_one_line(project: Path, tmp_path: Path) -> None:
-    """On a Ray this engine starts itself (features.ray.address: null)."""
+def test_a_worker_that_cannot_build_the_base_is_one_line(project: Path, cluster: str, tmp_path: Path) -> None:
+    """On a Ray this engine starts itself (features.ray.address: null; on 127.0.0.1 while the cluster's
+    loopback setting holds)."""
     broken = tmp_path / "broken.weights.h5"
     broken.write_bytes(b"not an HDF5 file")
     job = engine_job(project)

@@ -173,7 +173,7 @@ class RayEngine:
         # Held for as long as the workers live: a restarted worker is built from it again.
         self.weights = ray.put(weights_bytes(spec, get_backbone(spec["arch"]).named_weights))
         gpus = self.settings["gpus_per_worker"]
-        job = self.job | {"threads": 0 if gpus else int(self.settings["cpus_per_worker"])}
+        job = self.job | {"threads": worker_threads(self.settings)}
         actor = ray.remote(ExtractorWorker).options(
             num_cpus=self.settings["cpus_per_worker"],
             num_gpus=gpus,
@@ -237,6 +237,12 @@ class RayEngine:
                 if self.on_chunk:
                     self.on_chunk(len(results))
         return np.concatenate([results[index] for index in range(len(results))])
+
+
+def worker_threads(settings: dict[str, Any]) -> int:
+    """TensorFlow threads for a worker of features.ray `settings`: its share of CPUs, rather than every core of
+    its node; 0 (TensorFlow's choice) on a GPU, where the CPU only feeds it."""
+    return 0 if settings["gpus_per_worker"] else max(1, int(settings["cpus_per_worker"]))
 
 
 def read_image_file(path: str) -> bytes:
