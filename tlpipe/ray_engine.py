@@ -219,10 +219,10 @@ class RayEngine:
         results: dict[int, np.ndarray] = {}
         running: dict[Any, tuple[int, int]] = {}  # ref -> (chunk index, worker index)
         load = [0] * len(self.workers)
-        chunks = enumerate(chunks)
+        numbered = enumerate(chunks)
         with progress.bar(n_images, desc) as shown:
             while True:
-                while len(running) < CHUNKS_AHEAD * len(self.workers) and (chunk := next(chunks, None)):
+                while len(running) < CHUNKS_AHEAD * len(self.workers) and (chunk := next(numbered, None)):
                     index, (method, payload) = chunk
                     worker = load.index(min(load))
                     running[getattr(self.workers[worker], method).remote(payload)] = (index, worker)
