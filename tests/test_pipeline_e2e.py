@@ -111,7 +111,10 @@ def test_every_stage_writes_its_outputs(project: Path) -> None:
 
 
 # Parameters a stage reads only in a configuration other than this test's.
-CONDITIONAL_READS = {"distribute.cpu_replicas": "read only under distribute.strategy: mirrored (test_distribute.py)"}
+CONDITIONAL_READS = {
+    "distribute.cpu_replicas": "read only under distribute.strategy: mirrored (test_distribute.py)",
+    "features.ray": "read only under features.engine: ray (test_ray_engine.py)",
+}
 
 
 def declared_params(stage: str, params: dict) -> list[str]:
