@@ -447,6 +447,31 @@ def test_local_zip_is_copied_only_when_it_changed(
     assert last_line(capsys).startswith("fetch: updated:")
 
 
+def test_an_unchanged_local_zip_is_neither_copied_nor_hashed_again(
+    source_zip: Path, paths: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Same size and modification time as recorded: taken as unchanged without reading it. A touched file
+    (same bytes, new time) is read and found unchanged; a rewritten one of the same size is copied."""
+    from tlpipe import download
+
+    fetch(str(source_zip), paths["target"], None)
+    copies = []
+    real_copy = download._copy_with_progress
+    monkeypatch.setattr(download, "_copy_with_progress", lambda *args: (copies.append(args), real_copy(*args)))
+    capsys.readouterr()
+    fetch(str(source_zip), paths["target"], None)
+    assert copies == [] and "has the size and modification time it had" in last_line(capsys)
+    os.utime(source_zip, ns=(OLD * 10**9, OLD * 10**9))
+    fetch(str(source_zip), paths["target"], None)
+    assert len(copies) == 1 and "holds the same data" in last_line(capsys)
+    fetch(str(source_zip), paths["target"], None)
+    assert len(copies) == 1  # the new time was recorded
+    source_zip.write_bytes(DATA[::-1])
+    fetch(str(source_zip), paths["target"], None)
+    assert len(copies) == 2 and paths["target"].read_bytes() == DATA[::-1]
+    assert last_line(capsys).startswith("fetch: updated:")
+
+
 def test_changed_folder_with_a_pinned_sha256_keeps_the_old_archive(tmp_path: Path, paths: dict[str, Path]) -> None:
     folder = tmp_path / "images"
     make_image_folder(folder)
@@ -660,7 +685,7 @@ def test_stage_writes_the_raw_archive(tmp_path: Path) -> None:
     assert archive.read_bytes() == source.read_bytes()
     assert sha(source.read_bytes()) in result.stdout
     assert read_record(workdir / "data" / "raw" / "source.json") == Source(
-        source.as_uri(), sha(source.read_bytes()), source.stat().st_size
+        source.as_uri(), sha(source.read_bytes()), source.stat().st_size, mtime_ns=source.stat().st_mtime_ns
     )
     mtime = backdate(archive)
     again = run_stage(workdir, source.as_uri())
