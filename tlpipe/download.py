@@ -182,7 +182,9 @@ def read_record(path: Path) -> Source | None:
 
 def write_record(path: Path, source: Source) -> None:
     """Store `source` at `path`, leaving the file untouched when it already says the same."""
-    text = json.dumps(asdict(source), indent=2) + "\n"
+    # mtime_ns only where there is one (a local file), so that other sources' records read as before.
+    fields = {name: value for name, value in asdict(source).items() if name != "mtime_ns" or value is not None}
+    text = json.dumps(fields, indent=2) + "\n"
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
     write_text(path, text)
