@@ -54,14 +54,13 @@ def main(key: str) -> None:
             started = time.perf_counter()
             arrays = extract_all(engine, rows, settings, seed, size, key)
             seconds = time.perf_counter() - started
-        extractor = forward = None
     else:
         extractor, n_params = load_extractor(key, spec, seed, precision)
         forward = base_forward(extractor, size, n_images)
         started = time.perf_counter()
         arrays = extract_all(LocalEngine(forward, size, batch_size), rows, settings, seed, size, key)
         seconds = time.perf_counter() - started
-    if precision != "float32" or extractor is None:
+    if settings["engine"] == "ray" or precision != "float32":
         # What ships is float32 and runs here: a float32 copy, compiled as the stage compiles its own.
         extractor, n_params = load_extractor(key, spec, seed)
         forward = base_forward(extractor, size, n_images)

@@ -17,8 +17,8 @@ from tests.helpers import PROJECT_ROOT, stages_in_process
 from tlpipe import audit
 from tlpipe.datasets import scored_test_rows
 from tlpipe.errors import PipelineError
+from tlpipe.files import sha256_file
 from tlpipe.params import validate
-from tlpipe.preparation import sha256_files
 
 DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 
@@ -81,14 +81,14 @@ def test_exact_pairs_are_every_two_files_with_the_same_bytes() -> None:
     assert sorted(zip(i.tolist(), j.tolist())) == [(0, 2), (0, 4), (1, 5), (2, 4)]
 
 
-def test_sha256_files_are_sha256_of_the_bytes(tmp_path: Path) -> None:
+def test_sha256_file_is_the_sha256_of_the_bytes(tmp_path: Path) -> None:
     import hashlib
 
     paths = []
     for index, content in enumerate([b"x" * 3_000_000, b"y", b"x" * 3_000_000]):
         (tmp_path / f"{index}.bin").write_bytes(content)
         paths.append(str(tmp_path / f"{index}.bin"))
-    digests = sha256_files(paths)
+    digests = [sha256_file(path) for path in paths]
     assert digests == [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
 
 
@@ -113,7 +113,7 @@ def test_duplicates_separate_exact_from_near_and_flag_the_test_images_they_leak(
     x[6] = x[0]
     x[7] = x[3] * 1.02 + 0.01  # near: val image 3 and test image 7
     x[2] = x[1] + 0.01  # near, within train
-    found = audit.find_duplicates(images, audit.unit_rows(x), sha256_files(paths), 0.95, ["cats"])
+    found = audit.find_duplicates(images, audit.unit_rows(x), [sha256_file(p) for p in paths], 0.95, ["cats"])
 
     assert found.counts == {
         "exact_duplicate_pairs": 1,
@@ -219,7 +219,7 @@ def prepared_project(root: Path, per_class: dict[str, int] = PER_CLASS, **audit_
     x, y, split_of = np.array(features), np.array(labels), manifest["split"].to_numpy()
     first = {split: int(np.flatnonzero(split_of == split)[0]) for split in ("train", "val", "test")}
     shutil.copy(root / rows[first["train"]]["path"], root / rows[first["test"]]["path"])
-    manifest["sha256"] = sha256_files([root / path for path in manifest["path"]])  # as prepare writes it
+    manifest["sha256"] = [sha256_file(root / path) for path in manifest["path"]]  # as prepare writes it
     manifest.to_csv(prepared / "manifest.csv", index=False)
     x[first["test"]] = x[first["train"]]
     x[first["test"] + 1] = x[first["val"]] * 1.01

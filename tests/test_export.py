@@ -15,8 +15,8 @@ import yaml
 from tests.helpers import PROJECT_ROOT, stages_in_process
 from tests.synthetic import synthetic_image
 from tlpipe import export
+from tlpipe.files import sha256_file
 from tlpipe.params import EXPORT_FORMATS, validate
-from tlpipe.preparation import sha256_files
 
 AUGMENT = {"flip": True, "rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}
 SIZES = [(40, 40), (31, 57), (64, 48)]  # the exports take raw RGB of any size, as the .keras model does
@@ -159,7 +159,7 @@ def shipped_project(root: Path, model: Any, classes: list[str], formats: list[st
         synthetic_image(i % len(classes), rng, size=30 + i).save(path)
         rows.append({"path": str(path.relative_to(root)), "label": label, "split": "test"})
     manifest = pd.DataFrame(rows)
-    manifest["sha256"] = sha256_files([root / path for path in manifest["path"]])
+    manifest["sha256"] = [sha256_file(root / path) for path in manifest["path"]]
     manifest.to_csv(root / "data/prepared/manifest.csv", index=False)
     (root / "data/prepared/classes.json").write_text(json.dumps(classes))
     (root / "data/audit").mkdir(parents=True)

@@ -87,6 +87,7 @@ class Checked:
     path: Path | None  # the file the manifest points at; None when skipped
     reason: str = ""  # why it was skipped
     converted_from: str = ""  # what it was before it was rewritten as PNG
+    sha256: str = ""  # of the file at `path`, for the manifest
 
 
 def prepare(archive: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
@@ -111,7 +112,8 @@ def prepare(archive: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
         outcomes = list(checked.values()) + [Checked(path, None, "not in a class folder") for path in unused]
         report = build_report(archive, images, layout, rows, outcomes, ignored, public) | {"warnings": warnings}
         # Plain writes suffice: the whole build folder is renamed into place only once complete.
-        write_manifest(build / MANIFEST.name, rows, public)
+        digests = {item.path: item.sha256 for item in checked.values() if item.path is not None}
+        write_manifest(build / MANIFEST.name, rows, digests, public)
         write_json(build / CLASSES.name, layout.classes)
         write_json(build / REPORT.name, report)
     return report
@@ -308,7 +310,8 @@ def shown(folder: Path, images: Path, archive: Path) -> str:
 
 
 def check_images(files: list[Path], images: Path) -> dict[Path, Checked]:
-    """Decode every file in parallel (Pillow releases the GIL); convert those TensorFlow cannot use as-is."""
+    """Decode every file in parallel (Pillow releases the GIL); convert those TensorFlow cannot use as-is; hash
+    the files kept."""
     pngs = png_names(files, set(all_files(images)))
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -338,14 +341,14 @@ def check_image(source: Path, png: Path) -> Checked:
         return Checked(source, None, rejected.reason)
     with image:
         if is_tf_ready(info):
-            return Checked(source, source)
+            return Checked(source, source, sha256=sha256_file(source))
         try:
             rgb = to_rgb(image)
         except Exception as error:  # e.g. a colour space Pillow cannot map to RGB
             return Checked(source, None, f"cannot convert to RGB ({error})")
     rgb.save(png, format="PNG")
     source.unlink()
-    return Checked(source, png, converted_from=info.describe())
+    return Checked(source, png, converted_from=info.describe(), sha256=sha256_file(png))
 
 
 def usable_files(files: list[Path], checked: dict[Path, Checked]) -> list[Path]:
@@ -442,15 +445,16 @@ def carve(files: list[Path], fraction: float, rng: np.random.Generator, keep: in
 # --- writing the outputs ------------------------------------------------------------------------------
 
 
-def write_manifest(path: Path, rows: list[tuple[Path, str, str]], public: Callable[[Path], str]) -> None:
+def write_manifest(
+    path: Path, rows: list[tuple[Path, str, str]], digests: dict[Path, str], public: Callable[[Path], str]
+) -> None:
     """path,label,split,sha256 of each image. The digests make the manifest stand for the images' contents:
     later stages declare it as their dependency instead of the folder of images, which DVC would otherwise
     walk once per stage on every `dvc repro` (README "Scaling")."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "split", "sha256"])
-    digests = sha256_files([image for image, _, _ in rows])
-    writer.writerows((public(image), label, split, digest) for (image, label, split), digest in zip(rows, digests))
+    writer.writerows((public(image), label, split, digests[image]) for image, label, split in rows)
     path.write_text(buffer.getvalue(), encoding="utf-8")
 
 
@@ -492,10 +496,3 @@ def summary(report: dict[str, Any]) -> str:
         f"skipped {len(report['skipped'])}, converted {len(report['converted'])}, "
         f"ignored {report['ignored']} hidden entries"
     )
-
-
-def sha256_files(paths: list[Path] | list[str]) -> list[str]:
-    """files.sha256_file of each path, in order."""
-    # Threads: hashlib releases the GIL on large buffers, and the reads wait on the disk.
-    with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 1))) as pool:
-        return list(pool.map(sha256_file, paths))
