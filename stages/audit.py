@@ -117,17 +117,26 @@ def audit_duplicates(
 
 
 def audit_labels(key: str, images: audit.Images, classes: list[str], notes: list[str]) -> tuple[pd.DataFrame, int]:
-    """Rank and write the likely label errors of the train and val images; return them and how many were checked."""
+    """Rank and write the likely label errors of the train and val images that cross-validation scored out of
+    fold; return them and how many were checked."""
     labelled = images.subset(images.splits != "test")
     probabilities = audit.out_of_fold_probabilities(pd.read_csv(out_of_fold(key)), labelled, classes, out_of_fold(key))
+    checked = 0
     if probabilities is None:
         issues = pd.DataFrame(columns=audit.LABEL_ISSUE_COLUMNS)
-        notes.append(f"label issues skipped: crossval@{key} had too few images per class to fold (crossval.folds)")
+        notes.append(f"label issues not searched: crossval@{key} could not fold the train and val images")
     else:
-        issues = audit.label_issues(labelled, probabilities, classes)
+        scored = ~np.isnan(probabilities).any(axis=1)  # classes too small to fold have no probabilities
+        if not scored.all():
+            notes.append(
+                f"label issues: {int((~scored).sum())} images of classes with one train+val image were not "
+                f"checked (crossval@{key} could not fold them)"
+            )
+        issues = audit.label_issues(labelled.subset(scored), probabilities[scored], classes)
+        checked = int(scored.sum())
     write_csv(issues, "label_issues.csv")
     label_issues_grid(issues, classes)
-    return issues, 0 if probabilities is None else len(labelled)
+    return issues, checked
 
 
 @stage_main

@@ -1,11 +1,12 @@
 """Stage crossval@<backbone>: repeated stratified k-fold of the head on the cached train+val features.
 
 Writes metrics/crossval/<backbone>.json (cv_accuracy_mean, cv_accuracy_std: a second estimate that does not
-hang on one test split) and reports/crossval/<backbone>/out_of_fold.csv (each image's out-of-fold
-probabilities, averaged over the repeats).
+hang on one test split; which folds and repeats ran, and why fewer than crossval.folds; for the Keras head,
+the median epoch early stopping kept) and reports/crossval/<backbone>/out_of_fold.csv (each image's
+out-of-fold probabilities, averaged over the repeats).
 
-A dataset with fewer train+val images in some class than crossval.folds is not folded: the stage says so in
-one line and writes the image list without probabilities and no scores, so the rest of the pipeline runs.
+The folds drop to what the smallest class allows, down to 2 (tlpipe.crossvalidation.fold_plan). A class with a
+single train+val image is left out of the folds and named; its rows have no probabilities.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from tlpipe.crossvalidation import cross_validate, fold_shortage
+from tlpipe.crossvalidation import cross_validate, fold_plan
 from tlpipe.datasets import read_classes, read_manifest, split_rows
 from tlpipe.errors import stage_main
 from tlpipe.feature_cache import load_features
@@ -24,6 +25,7 @@ from tlpipe.files import atomic_path, write_json
 from tlpipe.params import load_params
 from tlpipe.paths import crossval_metrics, out_of_fold
 from tlpipe.runtime import seed_everything
+from tlpipe.small_data import median_epochs
 
 
 @stage_main
@@ -36,28 +38,50 @@ def main(key: str) -> None:
     y = np.concatenate([features["y_train"], features["y_val"]])
     rows = pd.concat([split_rows(manifest, "train"), split_rows(manifest, "val")], ignore_index=True)
     table = pd.DataFrame({"path": rows["path"], "split": rows["split"], "actual": [classes[i] for i in y]})
-    if shortage := fold_shortage(y, classes, params["crossval"]["folds"]):
+    repeats = params["crossval"]["repeats"]
+    plan = fold_plan(y, classes, params["crossval"]["folds"])
+    ran = {
+        "folds": plan.folds,
+        "repeats": repeats if plan.folds else 0,
+        "folds_requested": plan.requested,
+        "folds_note": plan.note,
+        "unfolded_classes": ", ".join(plan.unfolded),
+    }
+    if not plan.folds:
         with atomic_path(out_of_fold(key)) as tmp:
             table.to_csv(tmp, index=False)
-        write_json(crossval_metrics(key), {})
-        print(f"{key}: cross-validation skipped: {shortage}", file=sys.stderr)
+        write_json(crossval_metrics(key), ran)
+        print(f"{key}: cross-validation cannot run: {plan.note}", file=sys.stderr)
         return
     seed_everything(params["seed"])
+    folded = plan.folded(y, classes)
     started = time.perf_counter()
     result = cross_validate(
-        x, y, classes, params["train"], params["crossval"], params["data"]["val_fraction"], params["seed"]
+        x[folded],
+        y[folded],
+        len(classes),
+        params["train"],
+        plan.folds,
+        repeats,
+        params["data"]["val_fraction"],
+        params["seed"],
     )
     seconds = time.perf_counter() - started
+    probabilities = np.full((len(y), len(classes)), np.nan)
+    probabilities[folded] = result.out_of_fold
     for index, name in enumerate(classes):
-        table[f"probability_{name}"] = result.out_of_fold[:, index].round(6)
+        table[f"probability_{name}"] = probabilities[:, index].round(6)
     with atomic_path(out_of_fold(key)) as tmp:
         table.to_csv(tmp, index=False)
-    summary = result.summary()
+    summary = result.summary() | ran
+    if result.best_epochs:
+        summary["best_epoch_median"] = median_epochs(result.best_epochs)
     write_json(crossval_metrics(key), summary)
-    runs = f"{params['crossval']['folds']} folds x {params['crossval']['repeats']} repeats"
+    note = f"; {plan.note}" if plan.note else ""
     print(
         f"{key}: cross-validated accuracy {summary['cv_accuracy_mean']:.4f} ± {summary['cv_accuracy_std']:.4f} "
-        f"({runs} on {len(y)} images, {seconds:.1f} s)",
+        f"({plan.folds} folds x {repeats} repeats of the {params['train']['head']} head on {int(folded.sum())} "
+        f"images, {seconds:.1f} s{note})",
         file=sys.stderr,
     )
 

@@ -1,8 +1,10 @@
 """Stage evaluate@<backbone>: score the trained head on the test split's cached features.
 
 Writes metrics/<backbone>.json (the DVC metric) and reports/evaluation/<backbone>/ (the same scores,
-the confusion records, the ROC curve and per-image predictions for plots and the comparison). The
-temperature that calibrates the head's probabilities is fitted on the validation split's features.
+the confusion records, the ROC curve, per-class scores and per-image predictions for plots and the
+comparison). The temperature that calibrates the head's probabilities is fitted on the validation split's
+features, or on cross-validation's out-of-fold probabilities where validation is too small to decide
+(tlpipe.evaluation.held_out_calibration).
 """
 
 from __future__ import annotations
@@ -13,13 +15,12 @@ import numpy as np
 
 from tlpipe.datasets import read_classes, read_manifest, scored_test_rows
 from tlpipe.errors import stage_main
-from tlpipe.evaluation import headline, write_evaluation
+from tlpipe.evaluation import headline, held_out_calibration, write_evaluation
 from tlpipe.feature_cache import load_features, load_meta
 from tlpipe.models import load_model
 from tlpipe.params import load_params
 from tlpipe.paths import DROPPED_TEST, head_model
 from tlpipe.scoring import class_probabilities
-from tlpipe.statistics import calibration
 
 
 @stage_main
@@ -44,7 +45,14 @@ def main(key: str) -> None:
         {"params": meta["params"], "images_per_second": meta["images_per_second"]} | deployment(key, meta),
         params["stats"],
         params["seed"],
-        calibration(features["y_val"], probabilities["val"], params["stats"]["calibration_alpha"]),
+        held_out_calibration(
+            key,
+            features["y_val"],
+            probabilities["val"],
+            classes,
+            params["train"]["min_val_per_class"],
+            params["stats"]["calibration_alpha"],
+        ),
     )
     if not kept.all():
         print(

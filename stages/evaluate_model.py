@@ -1,8 +1,9 @@
 """Stage evaluate_model: score the shipped models/model.keras end to end on the test images (from files).
 
 Uses the same code path as `tl-predict` (tlpipe/prediction.py), so the score is what users get. Writes
-metrics/model.json (the per-backbone keys plus `backbone`, and the paired test against the frozen row of
-the same backbone: `frozen_*` and `fine_tuning`) and reports/evaluation/model/.
+metrics/model.json (the per-backbone keys plus `backbone`; `shipped`, fine-tuned or frozen, and
+`shipped_reason`; and the paired test against the frozen row of the same backbone: `frozen_*` and
+`fine_tuning`) and reports/evaluation/model/.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import numpy as np
 from tlpipe.datasets import read_classes, read_manifest, scored_test_rows
 from tlpipe.errors import PipelineError, stage_main
 from tlpipe.evaluation import fine_tuning_line, headline, paired_against, write_evaluation
+from tlpipe.files import read_json
 from tlpipe.params import load_params
-from tlpipe.paths import SHIPPED_MODEL, SHIPPED_NAME, evaluation_dir
+from tlpipe.paths import SHIPPED_LABELS, SHIPPED_MODEL, SHIPPED_NAME, evaluation_dir
 from tlpipe.prediction import class_difference, load_classifier, predict_with_progress, read_calibration
 
 
@@ -40,7 +42,7 @@ def main() -> None:
     key, stats = params["model"], params["stats"]
     # Did fine-tuning help? The same paired test aggregate runs, against the frozen row of the same backbone.
     frozen = paired_against(
-        evaluation_dir(key) / "predictions.csv", list(test_rows["path"]), y_true, probabilities, stats, params["seed"]
+        evaluation_dir(key) / "predictions.csv", list(test_rows["path"]), y_true, probabilities, stats
     )
     scores = write_evaluation(
         SHIPPED_NAME,
@@ -53,6 +55,7 @@ def main() -> None:
             "images_per_second": round(len(predictions) / seconds, 1),
             "backbone": key,
         }
+        | shipped_what(SHIPPED_LABELS)
         | frozen,
         stats,
         params["seed"],
@@ -60,6 +63,17 @@ def main() -> None:
     )
     print(f"model ({key} fine-tuned): {headline(scores)}", file=sys.stderr)
     print(f"model against frozen {key}: {fine_tuning_line(frozen, stats['alpha'])}", file=sys.stderr)
+    print(f"model: {scores['shipped_reason']}", file=sys.stderr)
+
+
+def shipped_what(labels_path: Path) -> dict[str, str]:
+    """`shipped` (fine-tuned, or the frozen base and head) and why, from the shipped labels.json."""
+    labels = read_json(labels_path)
+    fine_tuned = labels.get("fine_tuned", True)  # models shipped before the choice existed were fine-tuned
+    return {
+        "shipped": "fine-tuned" if fine_tuned else "frozen",
+        "shipped_reason": labels.get("shipped_reason", "fine-tuned (shipped before the reason was recorded)"),
+    }
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ Writes data/prepared/ (built in a temporary sibling folder and renamed into plac
   manifest.csv   path,label,split (train, val, test),sha256; paths relative to the project root
   classes.json   the sorted class names; a label's index is its position in this list
   report.json    classes, counts per split and class, skipped files, converted images, ignored entries,
-                 warnings (classes with fewer than MIN_TRAIN_IMAGES training images)
+                 warnings (classes with fewer than MIN_TRAIN_IMAGES training images), left_out (classes
+                 too small to keep, each with its reason)
 
-Every class must reach every split (train, val, test), or the stage stops with one line naming the class,
-its folder and the images it needs; a class that does, but with few training images, gets a warning.
+A class with fewer usable images than data.min_class_images, or too few in one folder to reach every split
+(train, val, test), is left out with one line for all of them; with data.min_class_images null, it stops the
+stage with one line naming the class, its folder and the images it needs. The classes with few training
+images get one warning line between them.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from tlpipe.datasets import scored_test_rows
 from tlpipe.errors import PipelineError
 from tlpipe.files import sha256_file
 from tlpipe.params import validate
+from tlpipe.paths import out_of_fold
 
 DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 
@@ -291,15 +292,40 @@ def test_leakage_fail_stops_with_one_line_after_writing_the_reports(tmp_path: Pa
     assert len(pd.read_csv(project / "reports" / "audit" / "leakage.csv")) == 2
 
 
-def test_a_dataset_too_small_to_fold_skips_label_issues_and_audits_the_rest(tmp_path: Path) -> None:
+def test_a_small_dataset_folds_fewer_times_and_the_audit_still_searches_label_issues(tmp_path: Path) -> None:
+    """4 train+val images per class: crossval drops to 4 folds and says so; the audit checks every label."""
     project = prepared_project(tmp_path, per_class={"train": 3, "val": 1, "test": 2})
     code, err = stages_in_process(project, ("crossval", "k"), check=False)
     assert code == 0, err
-    assert "k: cross-validation skipped: crossval.folds: 5 folds need at least 5 images" in err
-    assert json.loads((project / "metrics" / "crossval" / "k.json").read_text()) == {}
+    assert "4 folds x 2 repeats of the logistic head on 8 images" in err
+    assert "crossval.folds 5 lowered to 4: class 'cats' has 4 train+val images" in err
+    ran = json.loads((project / "metrics" / "crossval" / "k.json").read_text())
+    assert {k: ran[k] for k in ("folds", "repeats", "folds_requested", "unfolded_classes")} == {
+        "folds": 4,
+        "repeats": 2,
+        "folds_requested": 5,
+        "unfolded_classes": "",
+    }
+    assert 0 <= ran["cv_accuracy_mean"] <= 1
     code, err = stages_in_process(project, ("audit",), check=False)
     assert code == 0, err
-    assert "audit: label issues skipped: crossval@k had too few images per class to fold" in err
+    assert "label issues" not in err
     counts = json.loads((project / "metrics" / "audit.json").read_text())
-    assert counts["label_issues_checked"] == 0 and counts["leaked_test_images"] == 2
+    assert counts["label_issues_checked"] == 8 and counts["leaked_test_images"] == 2
+    assert len(pd.read_csv(project / "reports" / "audit" / "label_issues.csv")) == 8
     assert len(pd.read_csv(project / "reports" / "audit" / "outliers.csv")) == 12
+
+
+def test_images_without_out_of_fold_probabilities_are_left_out_of_the_label_search_and_counted(tmp_path: Path) -> None:
+    """A class too small to fold has no out-of-fold probabilities: its images are named as unchecked."""
+    project = prepared_project(tmp_path)
+    table = pd.read_csv(project / out_of_fold("k"))
+    unfolded = table["actual"] == "dogs"
+    table.loc[unfolded, ["probability_cats", "probability_dogs"]] = np.nan
+    table.to_csv(project / out_of_fold("k"), index=False)
+    code, err = stages_in_process(project, ("audit",), check=False)
+    assert code == 0, err
+    assert f"audit: label issues: {int(unfolded.sum())} images of classes with one train+val image were not checked" in err
+    counts = json.loads((project / "metrics" / "audit.json").read_text())
+    assert counts["label_issues_checked"] == int((~unfolded).sum())
+    assert set(pd.read_csv(project / "reports" / "audit" / "label_issues.csv")["given_label"]) == {"cats"}

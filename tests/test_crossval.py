@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from tests.test_train_aggregate import separable_features
-from tlpipe.crossvalidation import FoldTrainer, check_folds, cross_validate, early_stopping_split, folds_of
-from tlpipe.errors import PipelineError
+from tlpipe.crossvalidation import FoldTrainer, cross_validate, early_stopping_split, fold_plan, folds_of
 
 TRAIN = {
     "epochs": 60,
@@ -17,6 +16,8 @@ TRAIN = {
     "hidden_units": 0,
     "patience": 10,
     "class_weight": None,
+    "head": "keras",
+    "min_val_per_class": 10,
 }
 
 
@@ -34,11 +35,28 @@ def test_every_image_is_held_out_once_per_repeat_and_folds_are_stratified_and_se
     assert not all(np.array_equal(a[2], b[2]) for a, b in zip(runs, folds_of(y, folds=4, repeats=3, seed=6)))
 
 
-def test_too_few_images_of_a_class_for_the_folds_is_one_line() -> None:
-    with pytest.raises(
-        PipelineError, match=r"crossval.folds: 5 folds need at least 5 images of every class.*'plums' has 4"
-    ):
-        check_folds(np.array([0] * 10 + [1] * 4), ["kiwis", "plums"], 5)
+def test_the_folds_drop_to_what_the_smallest_class_allows_and_say_why() -> None:
+    plan = fold_plan(np.array([0] * 10 + [1] * 4), ["kiwis", "plums"], 5)
+    assert (plan.folds, plan.requested, plan.unfolded) == (4, 5, [])
+    assert plan.note == "crossval.folds 5 lowered to 4: class 'plums' has 4 train+val images"
+    assert fold_plan(np.array([0] * 10 + [1] * 5), ["kiwis", "plums"], 5).note == ""
+    two = fold_plan(np.array([0] * 10 + [1] * 2 + [2] * 7), ["kiwis", "plums", "figs"], 5)
+    assert (two.folds, two.unfolded) == (2, [])
+
+
+def test_a_class_of_one_image_is_left_out_of_the_folds_and_named() -> None:
+    """One image cannot be both held out and trained on: its class is named, and the rest still fold."""
+    y = np.array([0] * 6 + [1] * 1 + [2] * 3 + [3] * 1)
+    classes = ["kiwis", "plums", "figs", "limes"]
+    plan = fold_plan(y, classes, 5)
+    assert (plan.folds, plan.unfolded) == (3, ["plums", "limes"])
+    assert plan.note == (
+        "crossval.folds 5 lowered to 3: class 'figs' has 3 train+val images; "
+        "2 classes with one train+val image left out of the folds"
+    )
+    assert plan.folded(y, classes).tolist() == [True] * 6 + [False] + [True] * 3 + [False]
+    nothing = fold_plan(np.array([0, 0, 1, 2]), ["kiwis", "plums", "figs"], 5)
+    assert nothing.folds == 0 and nothing.note == "fewer than two classes have 2 or more train+val images"
 
 
 @pytest.mark.parametrize("counts", [[40, 40], [3, 3, 3, 3, 3, 3, 3, 3, 3, 3]])
@@ -107,10 +125,24 @@ def test_fold_trainer_stops_after_patience_and_keeps_the_best_epoch() -> None:
 def test_cross_validation_scores_every_image_out_of_fold() -> None:
     """Reruns give the same numbers: tests/test_pipeline_e2e.py reruns the crossval stage by force."""
     x, y = separable_features(300, 8)
-    result = cross_validate(x, y, ["cats", "dogs"], TRAIN, {"folds": 3, "repeats": 2}, 0.2, seed=1)
+    result = cross_validate(x, y, 2, TRAIN, 3, 2, 0.2, seed=1)
     assert len(result.accuracies) == 6 and result.summary()["cv_accuracy_mean"] > 0.9
     assert all(1 <= epoch <= TRAIN["epochs"] for epoch in result.best_epochs)
     assert result.out_of_fold.shape == (300, 2) and np.allclose(result.out_of_fold.sum(axis=1), 1.0, atol=1e-5)
     assert np.mean(result.out_of_fold.argmax(axis=1) == y) > 0.9
-    again = cross_validate(x, y, ["cats", "dogs"], TRAIN, {"folds": 3, "repeats": 2}, 0.2, seed=1)
+    again = cross_validate(x, y, 2, TRAIN, 3, 2, 0.2, seed=1)
     np.testing.assert_array_equal(again.out_of_fold, result.out_of_fold)
+
+
+def test_cross_validation_of_the_linear_probe_fits_each_fold_as_the_train_stage_does() -> None:
+    """Each fold's probabilities are those of fit_probe on that fold's training part, with the fold's seed."""
+    from tlpipe.models import fit_probe
+
+    x, y = noisy_classes(120, 6, 3, seed=4)
+    settings = {**TRAIN, "head": "logistic"}
+    result = cross_validate(x, y, 3, settings, 3, 1, 0.2, seed=7)
+    assert result.best_epochs == [] and result.out_of_fold.shape == (120, 3)
+    _, train, held_out = next(folds_of(y, 3, 1, 7))
+    probe = fit_probe(x[train], y[train], 3, settings["dropout"], None, 7)
+    np.testing.assert_allclose(result.out_of_fold[held_out], np.asarray(probe.head(x[held_out])), rtol=1e-5, atol=1e-6)
+    assert np.mean(result.out_of_fold.argmax(axis=1) == y) > 0.5

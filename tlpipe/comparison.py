@@ -75,25 +75,22 @@ def comparison_table(params: dict[str, Any]) -> pd.DataFrame:
             table[column] = np.nan
     table = table.sort_values(["accuracy", "roc_auc", "backbone"], ascending=[False, False, True], kind="stable")
     table = table.reset_index(drop=True)
-    table = table.join(paired_with_best(list(table["backbone"]), params["stats"], params["seed"]))
+    table = table.join(paired_with_best(list(table["backbone"]), params["stats"]))
     return table[[c for c in COLUMNS if c in table.columns]]
 
 
-def paired_with_best(names: list[str], stats: dict[str, Any], seed: int) -> pd.DataFrame:
+def paired_with_best(names: list[str], stats: dict[str, Any]) -> pd.DataFrame:
     """Each row (in `names` order, best first) against the best row, on the same test images: the accuracy
-    difference with its paired bootstrap interval, McNemar's exact p and the verdict at `stats.alpha`."""
+    difference with its paired interval, McNemar's exact p and the verdict at `stats.alpha`."""
     best_csv = evaluation_dir(names[0]) / "predictions.csv"
     best = pd.read_csv(best_csv, keep_default_na=False)
     paths = list(best["path"])
-    y_true = pd.Categorical(best["actual"]).codes
     correct_best = aligned(correct_by_path(best_csv), paths, best_csv, best_csv)
     rows = []
     for name in names:
         csv = evaluation_dir(name) / "predictions.csv"
         correct = aligned(correct_by_path(csv), paths, csv, best_csv)
-        paired = statistics.paired_comparison(
-            y_true, correct_best, correct, stats["bootstrap"], stats["confidence"], seed
-        )
+        paired = statistics.paired_comparison(correct_best, correct, stats["confidence"])
         if name == names[0]:
             verdict = BEST
         else:
@@ -189,9 +186,9 @@ def markdown(table: pd.DataFrame, params: dict[str, Any]) -> str:
     few = table["n_test"].min() < statistics.FEW_TEST_IMAGES
     return (
         "# Backbone comparison\n\nTest split, ranked by accuracy. `model` is the shipped, fine-tuned model. "
-        f"Intervals are {stats['confidence']:.0%} stratified bootstrap intervals ({stats['bootstrap']} resamples). "
+        f"Intervals are {stats['confidence']:.0%} intervals (Wilson's score interval for accuracy). "
         "Every row is compared with the best one on the same test images: `vs best` is the accuracy difference "
-        f"with its paired bootstrap interval, and a row whose McNemar p is at least {stats['alpha']} is "
+        f"with its paired interval (Newcombe's), and a row whose McNemar p is at least {stats['alpha']} is "
         "`tied with best`, its difference too small to tell from chance. `cv accuracy` is repeated stratified "
         "k-fold of the head on train+val (mean ± std). `ece` is the expected calibration error as trained, "
         "`ece_calibrated` after temperature scaling fitted on val. `size` is the float32 base's weights file "

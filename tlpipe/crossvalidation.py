@@ -1,10 +1,17 @@
 """Repeated stratified k-fold of the head on cached features: a second accuracy estimate that does not hang on
 one test split, and out-of-fold probabilities for every train and validation image.
 
-Each fold's head is the train stage's head (models.build_head and params.yaml `train:`: normalization adapted to
-the fold's training images, the same layers, loss, class weights, Adam, batch size, and early stopping on
-val_loss with the best weights restored). Early stopping watches a stratified slice of the fold's own training
-part, so the held-out fold is never looked at before it is scored.
+The folds adapt to small classes (`fold_plan`): `crossval.folds`, or as many as the smallest class has
+images, down to 2; a class with a single train+val image cannot be held out and trained on both, so it is
+left out of the folds and named.
+
+Each fold's head is the train stage's head (params.yaml `train.head`). The linear probe is fitted as the
+train stage fits it (tlpipe.models.fit_probe, its regularisation chosen by cross-validation inside the fold's
+training part). The Keras head is models.build_head with params.yaml `train:` (normalization adapted to the
+fold's training images, the same layers, loss, class weights, Adam, batch size, and early stopping on
+val_loss with the best weights restored); early stopping watches a stratified slice of the fold's own
+training part, so the held-out fold is never looked at before it is scored. The epochs it kept are what the
+train stage trains for where validation is too small to stop on (tlpipe.small_data).
 
 What differs from the train stage is the loop: Keras' fit() spends most of the time of so small a head on
 per-epoch and per-model overhead, paid folds x repeats times here. `FoldTrainer` compiles one epoch once
@@ -20,38 +27,56 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import RepeatedStratifiedKFold, ShuffleSplit, StratifiedShuffleSplit
 
-from tlpipe.errors import PipelineError
 from tlpipe.scoring import class_probabilities
+
+MIN_FOLDS = 2
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    folds: int  # what runs: crossval.folds, or fewer for a small class; 0 when nothing can be folded
+    requested: int  # crossval.folds
+    unfolded: list[str]  # classes with fewer than MIN_FOLDS train+val images: left out of the folds
+    note: str  # why fewer folds than requested run, or why none; "" when all requested run
+
+    def folded(self, y: np.ndarray, classes: list[str]) -> np.ndarray:
+        """Mask of the images of `y` that the folds hold out (all but those of unfolded classes)."""
+        return ~np.isin(y, [classes.index(name) for name in self.unfolded])
+
+
+def fold_plan(y: np.ndarray, classes: list[str], requested: int) -> FoldPlan:
+    """How many folds `y` (train+val labels) allows: `requested`, or the image count of its smallest class
+    down to MIN_FOLDS. Classes under MIN_FOLDS are left out; fewer than two classes left means no folds."""
+    counts = np.bincount(y, minlength=len(classes))
+    unfolded = [classes[i] for i in np.flatnonzero(counts < MIN_FOLDS)]
+    foldable = np.flatnonzero(counts >= MIN_FOLDS)
+    if len(foldable) < 2:
+        return FoldPlan(0, requested, unfolded, "fewer than two classes have 2 or more train+val images")
+    smallest = int(foldable[np.argmin(counts[foldable])])
+    folds = int(min(requested, counts[smallest]))
+    note = ""
+    if folds < requested:
+        note = (
+            f"crossval.folds {requested} lowered to {folds}: class {classes[smallest]!r} has {counts[smallest]} "
+            "train+val images"
+        )
+    if unfolded:
+        left_out = f"{len(unfolded)} classes with one train+val image left out of the folds"
+        note = f"{note}; {left_out}" if note else left_out
+    return FoldPlan(folds, requested, unfolded, note)
 
 
 @dataclass(frozen=True)
 class CrossValidation:
     accuracies: list[float]  # one per fold and repeat
-    out_of_fold: np.ndarray  # (n, n_classes): each image's probabilities, averaged over the repeats
-    best_epochs: list[int]  # per fold and repeat: the epoch whose weights early stopping kept (1-based)
+    out_of_fold: np.ndarray  # (n, n_classes): each folded image's probabilities, averaged over the repeats
+    best_epochs: list[int]  # Keras head: per fold and repeat, the epoch early stopping kept (1-based)
 
     def summary(self) -> dict[str, float]:
         return {
             "cv_accuracy_mean": round(float(np.mean(self.accuracies)), 6),
             "cv_accuracy_std": round(float(np.std(self.accuracies, ddof=1)), 6),
         }
-
-
-def fold_shortage(y: np.ndarray, classes: list[str], folds: int) -> str | None:
-    """Why `y` cannot be split into `folds` stratified folds, or None when it can."""
-    counts = np.bincount(y, minlength=len(classes))
-    smallest = int(np.argmin(counts))
-    if counts[smallest] >= folds:
-        return None
-    return (
-        f"crossval.folds: {folds} folds need at least {folds} images of every class in train+val; "
-        f"{classes[smallest]!r} has {counts[smallest]}; lower crossval.folds or add images"
-    )
-
-
-def check_folds(y: np.ndarray, classes: list[str], folds: int) -> None:
-    if shortage := fold_shortage(y, classes, folds):
-        raise PipelineError(shortage)
 
 
 def early_stopping_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,35 +187,73 @@ class FoldTrainer:
 def cross_validate(
     x: np.ndarray,
     y: np.ndarray,
-    classes: list[str],
+    n_classes: int,
     train_settings: dict[str, Any],
-    crossval: dict[str, int],
+    folds: int,
+    repeats: int,
     val_fraction: float,
     seed: int,
 ) -> CrossValidation:
-    """Train and score the head on every fold of every repeat (folds seeded by `seed`, fold i's early-stopping
-    slice, shuffling and initial weights by `seed + i`)."""
+    """Train and score the head of `train_settings["head"]` on every fold of every repeat (folds seeded by
+    `seed`; fold i's early-stopping slice, shuffling and initial weights by `seed + i`)."""
+    summed = np.zeros((len(y), n_classes))
+    accuracies, best_epochs = [], []
+    fit_fold = probe_fold if train_settings["head"] == "logistic" else keras_fold(x.shape[1], n_classes, train_settings)
+    for index, (_, train, held_out) in enumerate(folds_of(y, folds, repeats, seed)):
+        probabilities, best_epoch = fit_fold(
+            x, y, train, held_out, n_classes, train_settings, val_fraction, seed + index
+        )
+        if best_epoch is not None:
+            best_epochs.append(best_epoch)
+        summed[held_out] += probabilities
+        accuracies.append(float(np.mean(probabilities.argmax(axis=1) == y[held_out])))
+    return CrossValidation(accuracies, summed / repeats, best_epochs)
+
+
+def probe_fold(
+    x: np.ndarray,
+    y: np.ndarray,
+    train: np.ndarray,
+    held_out: np.ndarray,
+    n_classes: int,
+    settings: dict[str, Any],
+    val_fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, None]:
+    """The linear probe fitted on the fold's training part: its probabilities for the held-out images."""
+    from tlpipe.models import fit_probe
+
+    probe = fit_probe(x[train], y[train], n_classes, settings["dropout"], settings["class_weight"], seed)
+    return class_probabilities(np.asarray(probe.head(x[held_out], training=False))), None
+
+
+def keras_fold(n_features: int, n_classes: int, settings: dict[str, Any]) -> Any:
+    """A fold function for the Keras head, with one FoldTrainer (one compiled epoch) for every fold."""
     import keras
 
     from tlpipe.models import class_weights
 
-    check_folds(y, classes, crossval["folds"])
-    n_classes = len(classes)
-    trainer = FoldTrainer(x.shape[1], n_classes, train_settings)
-    labels = y.astype(np.float32)
-    summed = np.zeros((len(y), n_classes))
-    accuracies, best_epochs = [], []
-    for index, (_, train, held_out) in enumerate(folds_of(y, crossval["folds"], crossval["repeats"], seed)):
-        fit_part, stop_part = early_stopping_split(y[train], val_fraction, seed + index)
+    trainer = FoldTrainer(n_features, n_classes, settings)
+
+    def fit_fold(
+        x: np.ndarray,
+        y: np.ndarray,
+        train: np.ndarray,
+        held_out: np.ndarray,
+        n_classes: int,
+        settings: dict[str, Any],
+        val_fraction: float,
+        seed: int,
+    ) -> tuple[np.ndarray, int]:
+        fit_part, stop_part = early_stopping_split(y[train], val_fraction, seed)
         fit, stop = train[fit_part], train[stop_part]
         normalization = keras.layers.Normalization()
         normalization.adapt(x[fit])
         z = np.asarray(normalization(x))
-        per_class = class_weights(y[fit], n_classes, train_settings["class_weight"]) or {}
+        per_class = class_weights(y[fit], n_classes, settings["class_weight"]) or {}
         weights = np.array([per_class.get(int(label), 1.0) for label in y[fit]], dtype=np.float32)
-        val_losses = trainer.fit((z[fit], labels[fit], weights), (z[stop], labels[stop]), seed + index)
-        best_epochs.append(int(np.argmin(val_losses)) + 1)
-        probabilities = class_probabilities(trainer.predict(z[held_out]))
-        summed[held_out] += probabilities
-        accuracies.append(float(np.mean(probabilities.argmax(axis=1) == y[held_out])))
-    return CrossValidation(accuracies, summed / crossval["repeats"], best_epochs)
+        labels = y.astype(np.float32)
+        val_losses = trainer.fit((z[fit], labels[fit], weights), (z[stop], labels[stop]), seed)
+        return class_probabilities(trainer.predict(z[held_out])), int(np.argmin(val_losses)) + 1
+
+    return fit_fold

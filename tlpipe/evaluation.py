@@ -17,7 +17,7 @@ from sklearn.metrics import log_loss
 from tlpipe import pictures, statistics
 from tlpipe.errors import PipelineError
 from tlpipe.files import atomic_path, write_json
-from tlpipe.paths import MANIFEST, SHIPPED_NAME, evaluation_dir, metrics_file
+from tlpipe.paths import MANIFEST, SHIPPED_NAME, evaluation_dir, metrics_file, out_of_fold
 from tlpipe.scoring import (
     classification_scores,
     clipped_rows,
@@ -26,6 +26,7 @@ from tlpipe.scoring import (
     normalised_rows,
     roc_records,
 )
+from tlpipe.small_data import validation_decides
 
 
 def title(name: str, extra: dict[str, Any]) -> str:
@@ -44,11 +45,22 @@ def headline(scores: dict[str, Any]) -> str:
     )
 
 
-def temperature_reason(calibration: dict[str, float]) -> str:
-    fitted, p_value = calibration["temperature_fitted"], calibration["temperature_p_value"]
+TEMPERATURE_SOURCES = {"validation": "val", "out-of-fold": "cross-validation's out-of-fold probabilities"}
+
+
+def temperature_reason(calibration: dict[str, Any]) -> str:
+    """Where the temperature was fitted, and why it is applied or not."""
+    source = calibration.get("temperature_source", "validation")
+    if source == "none":
+        return "no held-out probabilities to fit it on: validation is too small and cross-validation did not run"
+    fitted, p_value, on = (
+        calibration["temperature_fitted"],
+        calibration["temperature_p_value"],
+        TEMPERATURE_SOURCES[source],
+    )
     if calibration["temperature"] == 1.0 and fitted != 1.0:
-        return f"fitted {fitted:.3f} on val is not significantly better than none: p = {p_value:.3g}"
-    return f"fitted on val, p = {p_value:.3g} against none"
+        return f"fitted {fitted:.3f} on {on} is not significantly better than none: p = {p_value:.3g}"
+    return f"fitted on {on}, p = {p_value:.3g} against none"
 
 
 def calibration_scores(
@@ -65,6 +77,41 @@ def calibration_scores(
         "brier_calibrated": statistics.brier_score(y_true, calibrated),
         "loss_calibrated": round(float(log_loss(y_true, clipped_rows(calibrated), labels=labels)), 6),
     }
+
+
+def held_out_calibration(
+    key: str,
+    y_val: np.ndarray,
+    val_probabilities: np.ndarray | None,
+    classes: list[str],
+    min_val_per_class: int,
+    alpha: float,
+) -> dict[str, Any]:
+    """The temperature for `key`'s head (statistics.calibration), fitted on held-out probabilities: the
+    validation split's (`val_probabilities`) where it decides, else cross-validation's out-of-fold ones
+    (reports/crossval/<key>/); `temperature_source` says which ("none" where cross-validation wrote none:
+    no temperature)."""
+    if validation_decides(y_val, len(classes), min_val_per_class):
+        return statistics.calibration(y_val, val_probabilities, alpha) | {"temperature_source": "validation"}
+    y, probabilities = out_of_fold_rows(key, classes)
+    if not len(y):
+        return {"temperature": 1.0, "temperature_fitted": 1.0, "temperature_p_value": 1.0, "temperature_source": "none"}
+    return statistics.calibration(y, probabilities, alpha) | {"temperature_source": "out-of-fold"}
+
+
+def out_of_fold_rows(key: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of the train and val images crossval@<key> scored out of fold."""
+    path = out_of_fold(key)
+    try:
+        table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing; run dvc repro crossval@{key}") from None
+    columns = [f"probability_{name}" for name in classes]
+    if not set(columns) <= set(table.columns):
+        return np.zeros(0, dtype=np.int64), np.zeros((0, len(classes)))
+    scored = table.dropna(subset=columns)
+    labels = scored["actual"].map({name: index for index, name in enumerate(classes)}).to_numpy(dtype=np.int64)
+    return labels, scored[columns].to_numpy(dtype=np.float64)
 
 
 def warnings_for(name: str, y_true: np.ndarray, classes: list[str]) -> list[str]:
@@ -106,7 +153,9 @@ def write_evaluation(
     scores = classification_scores(y_true, probabilities)
     if scores["roc_auc"] is None:
         scores["roc_auc_note"] = single_class_note(y_true, classes)
-    scores |= statistics.bootstrap_intervals(y_true, probabilities, stats["bootstrap"], stats["confidence"], seed)
+    scores |= statistics.score_intervals(y_true, probabilities, stats["bootstrap"], stats["confidence"], seed)
+    if note := statistics.undefined_intervals_note(y_true, classes):
+        scores["intervals_note"] = note
     calibrated = statistics.apply_temperature(probabilities, calibration["temperature"])
     scores |= calibration_scores(y_true, probabilities, calibrated, calibration) | extra
     for warning in warnings_for(name, y_true, classes):
@@ -172,13 +221,12 @@ def paired_against(
     y_true: np.ndarray,
     probabilities: np.ndarray,
     stats: dict[str, Any],
-    seed: int,
 ) -> dict[str, Any]:
     """The shipped model against the frozen row of its backbone, on the same images: `frozen_*` keys and a
     `fine_tuning` verdict (helped, hurt, or tied: cannot be told apart)."""
     frozen = aligned(correct_by_path(frozen_csv), paths, frozen_csv, MANIFEST)
     shipped = probabilities.argmax(axis=1) == y_true
-    comparison = statistics.paired_comparison(y_true, frozen, shipped, stats["bootstrap"], stats["confidence"], seed)
+    comparison = statistics.paired_comparison(frozen, shipped, stats["confidence"])
     verdict = statistics.verdict(comparison, stats["alpha"])
     return {
         "frozen_accuracy": round(float(frozen.mean()), 6),

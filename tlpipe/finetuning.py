@@ -105,12 +105,27 @@ class FineTuned:
     frozen: tuple[float, float]  # validation (loss, accuracy) before fine-tuning
     tuned: tuple[float, float]  # ... and of the weights kept
     best_epoch: int | None  # None: the epoch early stopping restored; 0: the frozen weights were kept
+    rejected: tuple[float, float] | None = None  # where the frozen weights were kept: the fine-tuned ones'
 
     def summary(self, key: str, unfrozen: int) -> str:
         return (
             f"{key}: {unfrozen} layers unfrozen; validation loss {self.frozen[0]:.4f} -> {self.tuned[0]:.4f}, "
             f"accuracy {self.frozen[1]:.4f} -> {self.tuned[1]:.4f}"
         )
+
+    @property
+    def shipped(self) -> bool:
+        """Whether the fine-tuned weights ship (else the frozen base and head do)."""
+        return self.rejected is None
+
+    def reason(self) -> str:
+        """Why what ships ships, in the held-out evidence's words."""
+        if self.rejected is not None:
+            return (
+                f"fine-tuning raised the validation loss from {self.frozen[0]:.4f} to {self.rejected[0]:.4f}: "
+                "the frozen base and head ship"
+            )
+        return f"fine-tuning lowered the validation loss from {self.frozen[0]:.4f} to {self.tuned[0]:.4f}"
 
 
 def fine_tune(
@@ -160,5 +175,5 @@ def fine_tune(
     tuned = tuple(model.evaluate(val_data, verbose=0))
     if tuned[0] > frozen[0]:
         model.set_weights(frozen_weights)
-        return FineTuned(history.history, frozen, frozen, best_epoch=0)
+        return FineTuned(history.history, frozen, frozen, best_epoch=0, rejected=tuned)
     return FineTuned(history.history, frozen, tuned, best_epoch=None)

@@ -1,11 +1,22 @@
-"""Building, saving and loading Keras models: the classification head and the shipped end-to-end model."""
+"""Building, saving and loading Keras models: the classification head and the shipped end-to-end model.
+
+The head on cached features is one of params.yaml `train.head`:
+- `logistic`: a linear probe, as representation-learning papers evaluate frozen features: multinomial
+  logistic regression (scikit-learn) on the standardised features, its regularisation chosen by stratified
+  k-fold cross-validation of the log loss (`LogisticRegressionCV`), its weights then written into the Keras
+  head below (Normalization -> Dropout -> Dense), so that fine-tuning, export and predict take it as they
+  take the other (`fit_probe`);
+- `keras`: the same layers trained by Adam with early stopping (`train_head`).
+"""
 
 from __future__ import annotations
 
 import importlib
 import math
+import warnings
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +57,92 @@ def head_layers(x: Any, n_classes: int, dropout: float, hidden_units: int) -> An
     if n_classes == 2:
         return keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
     return keras.layers.Dense(n_classes, activation="softmax", name="head_output")(x)
+
+
+# Inverse regularisation strengths the probe's cross-validation chooses from, for standardised features.
+PROBE_CS = np.logspace(-4, 2, 13)
+PROBE_FOLDS = 5  # at most; fewer where the smallest class has fewer images
+PROBE_MAX_ITER = 1000
+# The logit a class absent from the probe's training images gets: its probability is about exp(-30).
+ABSENT_CLASS_BIAS = -30.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    head: Any  # keras.Model: the fitted Normalization -> Dropout -> Dense head
+    c: float  # the inverse regularisation strength cross-validation chose
+    folds: int  # of that cross-validation (0: too few images per class to choose; C = 1)
+    cv_losses: list[float]  # the cross-validated log loss at each of PROBE_CS (empty without folds)
+
+    def line(self, n_images: int) -> str:
+        if not self.folds:
+            return f"linear probe on {n_images} images, C = 1 (no class has two images to cross-validate C with)"
+        return (
+            f"linear probe on {n_images} images, C = {self.c:.3g} (the lowest log loss, "
+            f"{min(self.cv_losses):.4f}, of {len(PROBE_CS)} values in {self.folds}-fold cross-validation)"
+        )
+
+
+def probe_folds(y: np.ndarray) -> int:
+    """The probe's cross-validation folds: PROBE_FOLDS, or fewer where the smallest class has fewer images
+    (at least 2); 0 where no class has two images, so that C cannot be chosen."""
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    if counts.max() < 2:
+        return 0
+    return int(max(2, min(PROBE_FOLDS, counts.min())))
+
+
+def fit_probe(
+    x: np.ndarray, y: np.ndarray, n_classes: int, dropout: float, class_weight: str | None, seed: int
+) -> Probe:
+    """Fit the linear probe on (x, y) and return it as a Keras head (build_head with no hidden layer)."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from threadpoolctl import threadpool_limits
+
+    head = build_head(x, n_classes, dropout, hidden_units=0)
+    z = np.asarray(head.get_layer("feature_normalization")(x.astype(np.float32)), dtype=np.float64)
+    folds = probe_folds(y)
+    weight = "balanced" if class_weight == "balanced" else None
+    with warnings.catch_warnings(), threadpool_limits(1):
+        # One BLAS thread: on these small matrices more threads cost more than they give (several times on
+        # two cores). A class with fewer images than folds, and lbfgs stopping at max_iter on separable data: both are
+        # expected on small data, and neither changes the choice.
+        warnings.simplefilter("ignore")
+        if folds:
+            model = LogisticRegressionCV(
+                Cs=PROBE_CS,
+                cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                scoring="neg_log_loss",
+                max_iter=PROBE_MAX_ITER,
+                class_weight=weight,
+                random_state=seed,
+            ).fit(z, y)
+            c = float(model.C_[0])
+            # scores_ holds the same (folds, Cs) array for every class of a multinomial fit.
+            cv_losses = (-next(iter(model.scores_.values())).mean(axis=0)).round(6).tolist()
+        else:
+            model, c = LogisticRegression(max_iter=PROBE_MAX_ITER, class_weight=weight).fit(z, y), 1.0
+            cv_losses = []
+    set_linear_weights(head, model.coef_, model.intercept_, model.classes_, n_classes)
+    return Probe(head, c, folds, cv_losses)
+
+
+def set_linear_weights(
+    head: keras.Model, coef: np.ndarray, intercept: np.ndarray, present: np.ndarray, n_classes: int
+) -> None:
+    """Write scikit-learn's logistic regression (coef_, intercept_ over the classes `present`) into the head's
+    output layer: sigmoid for two classes (scikit-learn's one row is the second class's logit), softmax
+    otherwise, where a class absent from the training images gets ABSENT_CLASS_BIAS."""
+    output = head.get_layer("head_output")
+    if n_classes == 2:
+        kernel, bias = coef.T, intercept
+    else:
+        kernel = np.zeros((coef.shape[1], n_classes))
+        bias = np.full(n_classes, ABSENT_CLASS_BIAS)
+        kernel[:, present], bias[present] = coef.T, intercept
+    output.set_weights([kernel.astype(np.float32), np.asarray(bias, dtype=np.float32)])
 
 
 def class_weights(labels: np.ndarray, n_classes: int, mode: str | None) -> dict[int, float] | None:
@@ -133,17 +230,22 @@ def frozen_function(forward: Callable[[Any], Any], spec: Any) -> Any:
 
 def train_head(
     train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray] | None,
     n_classes: int,
     settings: dict[str, Any],
     seed: int,
     strategy: Any,
     callbacks: list[Any],
+    epochs: int | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Fit a new head on cached features with early stopping on `val` (params.yaml `train:`); (head, history)."""
+    """Fit a new Keras head on cached features (params.yaml `train:`); (head, history).
+
+    With `val`, early stopping on it decides when to stop (at most `train.epochs`); without, it trains for
+    `epochs` (tlpipe.small_data: validation too small to stop on).
+    """
     import keras
 
-    (x_train, y_train), (x_val, y_val) = train, val
+    x_train, y_train = train
     with strategy.scope():
         head = build_head(x_train, n_classes, settings["dropout"], settings["hidden_units"])
         head.compile(
@@ -153,23 +255,30 @@ def train_head(
             # A whole epoch per call: the head is so small that per-step Python overhead dominates otherwise.
             steps_per_execution=math.ceil(len(x_train) / settings["batch_size"]),
         )
+    stopping = []
+    if val is not None:
+        stopping = [
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings["patience"], restore_best_weights=True)
+        ]
     history = head.fit(
         array_batches(x_train, y_train, settings["batch_size"], shuffle_seed=seed),
-        validation_data=array_batches(x_val.astype(np.float32), y_val, settings["batch_size"]),
-        epochs=settings["epochs"],
+        validation_data=None
+        if val is None
+        else array_batches(val[0].astype(np.float32), val[1], settings["batch_size"]),
+        epochs=settings["epochs"] if val is not None else epochs,
         class_weight=class_weights(y_train, n_classes, settings["class_weight"]),
         shuffle=False,  # the dataset reshuffles itself every epoch (seeded); Keras warns if asked to
         verbose=0,
-        callbacks=[
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings["patience"], restore_best_weights=True),
-            *callbacks,
-        ],
+        callbacks=[*stopping, *callbacks],
     )
     return head, history.history
 
 
 def best_epoch(history: dict[str, list[float]]) -> str:
-    """The epoch early stopping kept, in one line: `N epochs, best epoch B: val_loss ..., val_accuracy ...`."""
+    """The epoch early stopping kept, in one line: `N epochs, best epoch B: val_loss ..., val_accuracy ...`
+    (without validation: `N epochs: loss ..., accuracy ...`)."""
+    if "val_loss" not in history:
+        return f"{len(history['loss'])} epochs: loss {history['loss'][-1]:.4f}, accuracy {history['accuracy'][-1]:.4f}"
     best = int(np.argmin(history["val_loss"]))
     return (
         f"{len(history['loss'])} epochs, best epoch {best + 1}: "

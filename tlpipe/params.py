@@ -47,6 +47,15 @@ def _int(low: int | None = None, high: int | None = None) -> Check:
     return check
 
 
+def _int_or_null(low: int, high: int | None = None) -> Check:
+    check_int = _int(low, high)
+
+    def check(value: Any) -> str | None:
+        return None if value is None else check_int(value)
+
+    return check
+
+
 def _float(low: float, high: float, *, include_low: bool = True, include_high: bool = True) -> Check:
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -129,6 +138,8 @@ def _sha256(value: Any) -> str | None:
     return f"must be null or 64 hex digits, got {value!r}"
 
 
+# The heads on cached features (tlpipe/models.py describes each).
+HEADS = ("logistic", "keras")
 # What the export stage can write (tlpipe/export.py FORMATS describes each); here so that validating stays light.
 EXPORT_FORMATS = ("saved_model", "tflite", "tflite_int8", "tflite_float16", "onnx")
 
@@ -159,6 +170,7 @@ SCHEMA: dict[str, Any] = {
         "test_fraction": _float(0.0, 1.0, include_low=False, include_high=False),
         "max_extract_bytes": _int(1),
         "max_image_pixels": _int(1),
+        "min_class_images": _int_or_null(1),
     },
     "seed": _int(0, 2**31 - 1),
     "model": None,  # checked against the backbone keys
@@ -184,6 +196,8 @@ SCHEMA: dict[str, Any] = {
         "hidden_units": _int(0, 65536),
         "patience": _int(0, 10000),
         "class_weight": _choice(None, "balanced"),
+        "head": _choice(*HEADS),
+        "min_val_per_class": _int(0, 100000),
     },
     "finetune": {
         "unfreeze": _layers,
@@ -213,6 +227,9 @@ OPTIONAL_SECTIONS: set[str] = set()
 # Parameters added after users had a params.yaml: where absent, they take these values (a params.yaml
 # written before them means what it meant).
 DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("data", "min_class_images"): None,
+    ("train", "head"): "keras",
+    ("train", "min_val_per_class"): 0,
     ("features", "engine"): "local",
     ("features", "ray"): {"address": None, "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0},
 }

@@ -175,6 +175,22 @@ def training_figure(history: dict[str, list[float]], title: str, best_epoch: int
     return fig
 
 
+def regularisation_path(cs: list[float], losses: list[float], chosen: float, title: str, path: Path) -> None:
+    """The linear probe's cross-validated log loss at each inverse regularisation strength C, and the C chosen."""
+    fig, ax = pyplot().subplots(figsize=(7, 3.6), layout="tight")
+    if losses:
+        ax.plot(cs, losses, marker=".", label="cross-validated log loss")
+        ax.axvline(chosen, color="tab:red", linestyle="--", linewidth=1, label=f"chosen: C = {chosen:.3g}")
+        ax.set_xscale("log")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no class had two images to cross-validate with: C = 1", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("C (inverse regularisation strength)")
+    ax.set_ylabel("log loss")
+    figure_title(fig, title)
+    save_png(fig, path)
+
+
 def restored_epoch(history: dict[str, list[float]]) -> int | None:
     """The 1-based epoch with the lowest val_loss, or None without a finite one."""
     losses = np.asarray(history.get("val_loss", []), dtype=float)

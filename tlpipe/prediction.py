@@ -100,9 +100,10 @@ def read_temperature(model_path: Path) -> float:
     return read_calibration(model_path)["temperature"]
 
 
-def read_calibration(model_path: Path) -> dict[str, float]:
-    """`temperature` (applied), `temperature_fitted` and `temperature_p_value` from labels.json beside the
-    model (statistics.calibration); a model shipped before calibration existed has none: temperature 1."""
+def read_calibration(model_path: Path) -> dict[str, Any]:
+    """`temperature` (applied), `temperature_fitted`, `temperature_p_value` and `temperature_source` from
+    labels.json beside the model (evaluation.held_out_calibration); a model shipped before calibration
+    existed has none: temperature 1."""
     path = model_path.parent / "labels.json"
     data = read_json(path)
     temperature = data.get("temperature", 1.0)
@@ -112,6 +113,7 @@ def read_calibration(model_path: Path) -> dict[str, float]:
         "temperature": float(temperature),
         "temperature_fitted": float(data.get("temperature_fitted", temperature)),
         "temperature_p_value": float(data.get("temperature_p_value", 1.0)),
+        "temperature_source": str(data.get("temperature_source", "validation")),
     }
 
 

@@ -1,17 +1,20 @@
 """Turning a dataset archive into checked images and a manifest: safe unpacking, image checks, seeded splits.
 
 What it writes (in a temporary sibling folder, renamed into place at the end) is described in
-stages/prepare.py. Every class must reach every split, or it stops with one line naming the class, its
-folder and the images it needs.
+stages/prepare.py. A class with fewer usable images than data.min_class_images, or too few in one folder to
+reach every split, is left out and listed in the report; with data.min_class_images null, such a class stops
+the run instead, with one line naming the class, its folder and the images it needs.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import os
 import re
+import shutil
 import stat
 import sys
 import zipfile
@@ -50,6 +53,8 @@ NEEDED_FOR = {
 # and the default val_fraction (0.2) leaves the class only one or two validation images, so early stopping
 # and the class's scores move in big steps per image.
 MIN_TRAIN_IMAGES = 10
+# How many classes a one-line summary names before `and N more`.
+SHOWN_CLASSES = 5
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class Settings:
     test_fraction: float
     max_extract_bytes: int
     max_image_pixels: int
+    # Classes with fewer usable images are left out (listed in the report); None: a class too small for
+    # every split stops the run.
+    min_class_images: int | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
@@ -69,6 +77,7 @@ class Settings:
             test_fraction=data["test_fraction"],
             max_extract_bytes=data["max_extract_bytes"],
             max_image_pixels=data["max_image_pixels"],
+            min_class_images=data["min_class_images"],
         )
 
 
@@ -103,14 +112,21 @@ def prepare(archive: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
         files, unused = files_by_class_folder(layout, images)
         checked = check_images(sorted((p for paths in files.values() for p in paths), key=Path.as_posix), images)
         usable = {folder: usable_files(paths, checked) for folder, paths in files.items()}
-        check_class_sizes(layout, files, checked, usable, images, archive)
+        shortfalls = class_shortfalls(layout, files, checked, usable, images, archive, settings.min_class_images)
+        if settings.min_class_images is None and shortfalls:
+            raise PipelineError(f"{next(iter(shortfalls.values()))}: add images or remove the class")
+        layout, left_out = leave_out(layout, shortfalls, usable, images)
         rows = assign_splits(layout, usable, settings)
         warnings = small_class_warnings(layout, rows, images, archive)
-        for warning in warnings:
-            print(f"warning: {warning['message']}", file=sys.stderr)
+        if line := small_class_line(warnings):
+            print(f"warning: {line}", file=sys.stderr)
         public = functools.partial(public_path, images=images, out_dir=out_dir)
-        outcomes = list(checked.values()) + [Checked(path, None, "not in a class folder") for path in unused]
-        report = build_report(archive, images, layout, rows, outcomes, ignored, public) | {"warnings": warnings}
+        outcomes = [item for item in checked.values() if in_kept_class(item.source, layout)]
+        outcomes += [Checked(path, None, "not in a class folder") for path in unused]
+        report = build_report(archive, images, layout, rows, outcomes, ignored, public) | {
+            "warnings": warnings,
+            "left_out": left_out,
+        }
         # Plain writes suffice: the whole build folder is renamed into place only once complete.
         digests = {item.path: item.sha256 for item in checked.values() if item.path is not None}
         write_manifest(build / MANIFEST.name, rows, digests, public)
@@ -358,25 +374,71 @@ def usable_files(files: list[Path], checked: dict[Path, Checked]) -> list[Path]:
 # --- class sizes -----------------------------------------------------------------------------------
 
 
-def check_class_sizes(
+def class_shortfalls(
     layout: Layout,
     files: dict[Path, list[Path]],
     checked: dict[Path, Checked],
     usable: dict[Path, list[Path]],
     images: Path,
     archive: Path,
-) -> None:
-    """Stop with one line at the first class folder too small for its class to reach every split."""
+    minimum: int | None,
+) -> dict[str, str]:
+    """Why each class that cannot be kept falls short, in layout order: fewer than `minimum` usable images in
+    all, or too few in one of its folders for the class to reach every split (NEEDED)."""
+    shortfalls = {}
     for label in layout.classes:
+        total = sum(len(usable[root / label]) for root in layout.sources.values())
+        if minimum is not None and total < minimum:
+            shortfalls[label] = (
+                f"class {label!r} has {total} usable image{'s' if total != 1 else ''}, fewer than "
+                f"data.min_class_images ({minimum})"
+            )
+            continue
         for source, root in layout.sources.items():
             folder = root / label
-            needed = NEEDED[source]
-            if len(usable[folder]) < needed:
+            if len(usable[folder]) < NEEDED[source]:
                 found = usable_count(files[folder], checked, len(usable[folder]))
-                raise PipelineError(
+                shortfalls[label] = (
                     f"{shown(folder, images, archive)} (class {label!r}) has {found}; the class needs at least "
-                    f"{needed} there ({NEEDED_FOR[source]}): add images or remove the class"
+                    f"{NEEDED[source]} there ({NEEDED_FOR[source]})"
                 )
+                break
+    return shortfalls
+
+
+def leave_out(
+    layout: Layout, shortfalls: dict[str, str], usable: dict[Path, list[Path]], images: Path
+) -> tuple[Layout, list[dict[str, Any]]]:
+    """The layout without the classes of `shortfalls`, whose folders are deleted from the build (their images
+    are not part of the prepared data), and the report's list of them. Says so in one line."""
+    if not shortfalls:
+        return layout, []
+    classes = [label for label in layout.classes if label not in shortfalls]
+    if len(classes) < 2:
+        kept = f"only {classes[0]!r} is" if classes else "no class is"
+        raise PipelineError(
+            f"{len(shortfalls)} of {len(layout.classes)} classes are too small to keep and {kept} left; the "
+            f"first: {next(iter(shortfalls.values()))}; add images or lower data.min_class_images"
+        )
+    left_out = []
+    for label, reason in shortfalls.items():
+        images_found = sum(len(usable[root / label]) for root in layout.sources.values())
+        left_out.append({"class": label, "usable_images": images_found, "reason": reason})
+        for root in layout.sources.values():
+            shutil.rmtree(root / label)
+    named = ", ".join(f"{item['class']!r} ({item['usable_images']})" for item in left_out[:SHOWN_CLASSES])
+    more = f" and {len(left_out) - SHOWN_CLASSES} more" if len(left_out) > SHOWN_CLASSES else ""
+    print(
+        f"prepare: left out {len(left_out)} of {len(layout.classes)} classes too small to reach every split or "
+        f"under data.min_class_images (usable images): {named}{more}; each with its reason in {REPORT} `left_out`",
+        file=sys.stderr,
+    )
+    return dataclasses.replace(layout, classes=classes), left_out
+
+
+def in_kept_class(path: Path, layout: Layout) -> bool:
+    """Whether `path` lies in the folder of a class of `layout`."""
+    return any(path.is_relative_to(root / label) for root in layout.sources.values() for label in layout.classes)
 
 
 def usable_count(files: list[Path], checked: dict[Path, Checked], usable: int) -> str:
@@ -394,7 +456,7 @@ def usable_count(files: list[Path], checked: dict[Path, Checked], usable: int) -
 def small_class_warnings(
     layout: Layout, rows: list[tuple[Path, str, str]], images: Path, archive: Path
 ) -> list[dict[str, Any]]:
-    """One warning per class with fewer than MIN_TRAIN_IMAGES images in the train split."""
+    """One warning per class with fewer than MIN_TRAIN_IMAGES images in the train split (for the report)."""
     train = {label: 0 for label in layout.classes}
     for _, label, split in rows:
         if split == "train":
@@ -410,6 +472,22 @@ def small_class_warnings(
             )
             warnings.append({"class": label, "train_images": count, "minimum": MIN_TRAIN_IMAGES, "message": message})
     return warnings
+
+
+def small_class_line(warnings: list[dict[str, Any]]) -> str | None:
+    """All the small-class warnings in one line (the full list is the report's `warnings`); None without any."""
+    if not warnings:
+        return None
+    if len(warnings) == 1:
+        return warnings[0]["message"]
+    ordered = sorted(warnings, key=lambda warning: (warning["train_images"], warning["class"]))
+    named = ", ".join(f"{w['class']!r} ({w['train_images']})" for w in ordered[:SHOWN_CLASSES])
+    more = f" and {len(warnings) - SHOWN_CLASSES} more" if len(warnings) > SHOWN_CLASSES else ""
+    return (
+        f"{len(warnings)} classes have fewer than {MIN_TRAIN_IMAGES} training images after the split, the "
+        f"recommended minimum: {named}{more}; their scores rest on very few images (each is listed in "
+        f"{REPORT} `warnings`), so add images if you can"
+    )
 
 
 # --- splitting ----------------------------------------------------------------------------------

@@ -117,10 +117,16 @@ def fit_progress(desc: str, steps_per_epoch: int, epochs: int, stream: IO[str] |
     return FitProgress()
 
 
-def dvclive_callback(log_dir: Path) -> Any:
-    """Keras callback logging every epoch's metrics with dvclive into `log_dir` (plots declared in dvc.yaml)."""
+def dvclive_logger(log_dir: Path) -> Any:
+    """A dvclive logger writing into `log_dir` (metrics.json and plots/metrics, declared in dvc.yaml)."""
     from dvclive import Live
-    from dvclive.keras import DVCLiveCallback
 
     # dvcyaml=None: the pipeline's dvc.yaml already declares these plots; dvclive must not rewrite it.
-    return DVCLiveCallback(live=Live(str(log_dir), dvcyaml=None, save_dvc_exp=False))
+    return Live(str(log_dir), dvcyaml=None, save_dvc_exp=False)
+
+
+def dvclive_callback(log_dir: Path) -> Any:
+    """Keras callback logging every epoch's metrics with dvclive into `log_dir` (plots declared in dvc.yaml)."""
+    from dvclive.keras import DVCLiveCallback
+
+    return DVCLiveCallback(live=dvclive_logger(log_dir))

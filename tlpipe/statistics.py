@@ -1,92 +1,229 @@
-"""How sure a score is: bootstrap intervals, paired comparisons, calibration and temperature scaling.
+"""How sure a score is: confidence intervals, paired comparisons, calibration and temperature scaling.
 
-Every resample is drawn from a seeded generator and stratified by class (each resample keeps the test
-split's class counts), so the same predictions always give the same intervals. Library code does the
-statistics that have a well-kept implementation: McNemar's exact test (statsmodels), the Brier score
-(scikit-learn), ranks and the temperature's one-dimensional fit (scipy). F1 and ROC AUC are computed for
-all resamples at once (tests/test_statistics.py checks them against scikit-learn, resample by resample).
+Every interval treats the test images as a random sample of the images the model will meet, class mix
+included, so a class with one test image adds the variance it really adds (resampling within each class
+would hold it fixed). Each interval is the method that measured closest to its nominal coverage in
+`benchmarks/coverage.py`, which simulates test sets from 2 classes of 500 images to 120 classes of 1-3:
+
+- accuracy (and top-5 accuracy): Wilson's score interval (statsmodels `proportion_confint`);
+- the paired difference of two models' accuracy on the same images: Newcombe's method 10 (1998), built on
+  the Wilson intervals of the two accuracies and their correlation; McNemar's exact test (statsmodels)
+  gives the p-value;
+- F1: a BCa bootstrap of the test images (`scipy.stats.bootstrap`), seeded;
+- ROC AUC: Newcombe's score interval (2006, method 5), with Hanley and McNeil's variance of the
+  Mann-Whitney statistic (one-vs-rest and averaged over classes for more than two).
+
+F1 and ROC AUC have no interval (None) where a class has fewer than MIN_CLASS_TEST_IMAGES test images:
+their per-class terms cannot be estimated from so few, and no method covers there.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.stats import rankdata
+from scipy.optimize import brentq, minimize_scalar
+from scipy.stats import bootstrap, norm
 from sklearn import metrics as skm
 
 ECE_BINS = 15
 # Below this many test images, intervals are wide enough to mislead at a glance: say so.
 FEW_TEST_IMAGES = 30
+# F1 and ROC AUC intervals need this many test images of every class (see the module docstring).
+MIN_CLASS_TEST_IMAGES = 5
+# Top-5 accuracy is reported from this many classes on (with fewer, nearly every image is in its top 5).
+TOP_K, TOP_K_FROM_CLASSES = 5, 10
 TEMPERATURE_RANGE = (0.05, 20.0)
+# Resamples (and jackknife samples) per batch of the F1 bootstrap: bounds its memory at any test size.
+BOOTSTRAP_BATCH = 100
 
 
-def resample_indices(y_true: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
-    """(n_resamples, n) indices into the test split, each row drawn with replacement within every class."""
-    rng = np.random.default_rng(seed)
-    columns = []
-    for label in np.unique(y_true):
-        members = np.flatnonzero(y_true == label)
-        columns.append(members[rng.integers(0, len(members), size=(n_resamples, len(members)))])
-    return np.concatenate(columns, axis=1)
+def rounded(interval: tuple[float, float]) -> tuple[float, float]:
+    return round(float(interval[0]), 6), round(float(interval[1]), 6)
 
 
-def percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(values, [tail, 1.0 - tail])
-    return round(float(low), 6), round(float(high), 6)
+def wilson_interval(successes: int, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson's score interval of a proportion (statsmodels)."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    low, high = proportion_confint(successes, n, alpha=1.0 - confidence, method="wilson")
+    return rounded((max(0.0, low), min(1.0, high)))
+
+
+def accuracy_interval(correct: np.ndarray, confidence: float) -> tuple[float, float]:
+    correct = np.asarray(correct, dtype=bool)
+    return wilson_interval(int(correct.sum()), len(correct), confidence)
+
+
+def paired_difference_interval(
+    correct_reference: np.ndarray, correct_other: np.ndarray, confidence: float
+) -> tuple[float, float]:
+    """Newcombe's (1998) method 10 for the difference of two paired proportions, other - reference.
+
+    Each accuracy's Wilson interval gives its distance to the bounds; the two are combined with phi, the
+    correlation of the two models' right answers (0 where a margin of the 2 x 2 table is empty). It stays
+    inside [-1, 1], and, unlike a bootstrap, does not collapse to a point when the two models disagree on
+    few images. statsmodels has it only after its 0.15 release (`confint_proportions_paired`).
+    """
+    reference, other = np.asarray(correct_reference, bool), np.asarray(correct_other, bool)
+    n = len(reference)
+    both, only_other = int(np.sum(reference & other)), int(np.sum(~reference & other))
+    only_reference, neither = int(np.sum(reference & ~other)), int(np.sum(~reference & ~other))
+    p_other, p_reference = (both + only_other) / n, (both + only_reference) / n
+    low_other, high_other = wilson_interval(both + only_other, n, confidence)
+    low_reference, high_reference = wilson_interval(both + only_reference, n, confidence)
+    margins = (both + only_other) * (only_reference + neither) * (both + only_reference) * (only_other + neither)
+    phi = (both * neither - only_other * only_reference) / math.sqrt(margins) if margins else 0.0
+    below_other, above_other = p_other - low_other, high_other - p_other
+    below_reference, above_reference = p_reference - low_reference, high_reference - p_reference
+    difference = p_other - p_reference
+    low = difference - math.sqrt(
+        max(0.0, below_other**2 - 2 * phi * below_other * above_reference + above_reference**2)
+    )
+    high = difference + math.sqrt(
+        max(0.0, above_other**2 - 2 * phi * above_other * below_reference + below_reference**2)
+    )
+    return rounded((max(-1.0, low), min(1.0, high)))
 
 
 def f1_samples(y_true: np.ndarray, y_pred: np.ndarray, indices: np.ndarray, n_classes: int) -> np.ndarray:
-    """scoring.classification_scores' F1 on every resample (rows of `indices`): the second class's F1 for two
-    classes, the macro F1 otherwise; 0 for a class that is neither present nor predicted (zero_division=0)."""
+    """scoring.classification_scores' F1 on every row of `indices` (images drawn from the test split): the
+    second class's F1 for two classes, the macro F1 otherwise; 0 for a class neither present nor predicted
+    (zero_division=0). Counted with one bincount per row block, so its cost does not grow with the classes."""
+    indices = np.atleast_2d(indices)
     truth, predicted = y_true[indices], y_pred[indices]
-    per_class = []
-    for label in [1] if n_classes == 2 else range(n_classes):
-        tp = np.sum((predicted == label) & (truth == label), axis=1)
-        wrong = np.sum((predicted == label) != (truth == label), axis=1)  # false positives + false negatives
-        per_class.append(np.where(2 * tp + wrong > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0))
-    return np.mean(per_class, axis=0)
+    offsets = (np.arange(len(indices)) * n_classes)[:, np.newaxis]
+    size = len(indices) * n_classes
+
+    def counts(labels: np.ndarray) -> np.ndarray:
+        return np.bincount(labels.ravel(), minlength=size).reshape(len(indices), n_classes)
+
+    support, predicted_count = counts(truth + offsets), counts(predicted + offsets)
+    hits = truth == predicted
+    true_positives = np.bincount((truth + offsets)[hits], minlength=size).reshape(len(indices), n_classes)
+    denominator = support + predicted_count  # 2 TP + FP + FN
+    per_class = np.where(denominator > 0, 2 * true_positives / np.maximum(denominator, 1), 0.0)
+    return per_class[:, 1] if n_classes == 2 else per_class.mean(axis=1)
 
 
-def roc_auc_samples(y_true: np.ndarray, probabilities: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """scoring.classification_scores' ROC AUC on every resample: the Mann-Whitney U of each one-vs-rest
-    curve (average ranks for ties, as scikit-learn's roc_auc_score), macro-averaged over classes."""
-    truth = y_true[indices]
+def f1_interval(
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, n_resamples: int, confidence: float, seed: int
+) -> tuple[float, float]:
+    """BCa bootstrap interval of F1 over the test images (scipy.stats.bootstrap, seeded by `seed`).
+
+    An F1 that no resample changes (every image right, say) has no spread to correct: the interval is
+    that F1 alone, which scipy would report as NaN.
+    """
+
+    def statistic(indices: np.ndarray, axis: int = -1) -> np.ndarray:
+        values = f1_samples(y_true, y_pred, indices, n_classes)
+        return values if np.ndim(indices) > 1 else values[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns of the degenerate case handled below
+        result = bootstrap(
+            (np.arange(len(y_true)),),
+            statistic,
+            n_resamples=n_resamples,
+            confidence_level=confidence,
+            method="BCa",
+            vectorized=True,
+            batch=BOOTSTRAP_BATCH,
+            rng=np.random.default_rng(seed),
+        )
+    low, high = result.confidence_interval
+    if not (np.isfinite(low) and np.isfinite(high)):
+        value = float(statistic(np.arange(len(y_true))))
+        return rounded((value, value))
+    return rounded((low, high))
+
+
+def hanley_mcneil_variance(auc: float, positives: np.ndarray, negatives: np.ndarray) -> float:
+    """Hanley and McNeil's (1982) variance of the Mann-Whitney AUC with `positives` and `negatives` images,
+    with Newcombe's (2006) N* = (m + n) / 2 - 1 in place of both group sizes; summed over classes."""
+    n_star = (positives + negatives) / 2.0 - 1.0
+    spread = (1.0 - auc) / (2.0 - auc) + auc / (1.0 + auc)
+    return float(np.sum(auc * (1.0 - auc) / (positives * negatives) * (1.0 + (n_star - 1.0) * spread)))
+
+
+def roc_auc_interval(y_true: np.ndarray, probabilities: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Newcombe's (2006) score interval of the ROC AUC (method 5): every value whose Hanley-McNeil variance
+    puts the observed AUC within z standard errors. The variance is a function of the candidate value, not
+    of the observed one, so an AUC near 1 on few images does not shrink its own interval, as DeLong's
+    variance and the bootstrap do. For more than two classes: the one-vs-rest macro average, its variance
+    the per-class variances summed over K^2 (the classes taken as independent)."""
     n_classes = probabilities.shape[1]
-    per_class = []
-    for label in [1] if n_classes == 2 else range(n_classes):
-        positive = truth == label
-        ranks = rankdata(probabilities[:, label][indices], axis=1)
-        n_positive = positive.sum(axis=1)
-        n_negative = positive.shape[1] - n_positive
-        u = (ranks * positive).sum(axis=1) - n_positive * (n_positive + 1) / 2
-        per_class.append(u / (n_positive * n_negative))
-    return np.mean(per_class, axis=0)
+    if n_classes == 2:
+        observed = skm.roc_auc_score(y_true, probabilities[:, 1])
+        positives = np.array([np.sum(y_true == 1)])
+    else:
+        observed = skm.roc_auc_score(
+            y_true, probabilities, multi_class="ovr", average="macro", labels=list(range(n_classes))
+        )
+        positives = np.bincount(y_true, minlength=n_classes)
+    negatives = len(y_true) - positives
+    classes = len(positives)
+    z = float(norm.ppf(0.5 + confidence / 2.0))
+
+    def outside(value: float) -> float:  # > 0 where `value` is outside the interval
+        variance = hanley_mcneil_variance(value, positives, negatives) / classes**2
+        return (observed - value) ** 2 - z * z * variance
+
+    edge = 1e-12
+    low = brentq(outside, 0.0, observed - edge) if observed > edge and outside(observed - edge) < 0 else observed
+    high = brentq(outside, observed + edge, 1.0) if observed < 1 - edge and outside(observed + edge) < 0 else 1.0
+    return rounded((low, high))
 
 
-def bootstrap_intervals(
+def smallest_class(y_true: np.ndarray, n_classes: int) -> tuple[int, int]:
+    """(class index, test images) of the class with the fewest test images."""
+    counts = np.bincount(y_true, minlength=n_classes)
+    index = int(np.argmin(counts))
+    return index, int(counts[index])
+
+
+def top_k_correct(y_true: np.ndarray, probabilities: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """Whether each image's class is among its k most probable (ties broken as argsort breaks them)."""
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return (top == y_true[:, np.newaxis]).any(axis=1)
+
+
+def score_intervals(
     y_true: np.ndarray, probabilities: np.ndarray, n_resamples: int, confidence: float, seed: int
 ) -> dict[str, float | None]:
-    """`<metric>_ci_low`/`_ci_high` for accuracy, F1 and ROC AUC (None where the metric is undefined)."""
-    indices = resample_indices(y_true, n_resamples, seed)
+    """`<metric>_ci_low`/`_ci_high` for accuracy, F1 and ROC AUC (None where undefined: see the module
+    docstring), and `top5_accuracy` with its interval from TOP_K_FROM_CLASSES classes on."""
+    n_classes = probabilities.shape[1]
     y_pred = probabilities.argmax(axis=1)
-    samples = {
-        "accuracy": (y_pred[indices] == y_true[indices]).mean(axis=1),
-        "f1": f1_samples(y_true, y_pred, indices, probabilities.shape[1]),
-    }
-    # Stratified resamples keep every class, so ROC AUC is defined in each one exactly when it is on the split;
-    # with more than two classes, every class must be on it (as for scikit-learn's one-vs-rest).
-    present = len(np.unique(y_true))
-    if present == probabilities.shape[1] or (present == 2 and probabilities.shape[1] == 2):
-        samples["roc_auc"] = roc_auc_samples(y_true, probabilities, indices)
-    intervals: dict[str, float | None] = {}
-    for metric in ("accuracy", "f1", "roc_auc"):
-        low, high = percentile_interval(samples[metric], confidence) if metric in samples else (None, None)
-        intervals[f"{metric}_ci_low"], intervals[f"{metric}_ci_high"] = low, high
+    intervals: dict[str, Any] = {}
+    intervals["accuracy_ci_low"], intervals["accuracy_ci_high"] = accuracy_interval(y_pred == y_true, confidence)
+    _, fewest = smallest_class(y_true, n_classes)
+    f1 = auc = (None, None)
+    if fewest >= MIN_CLASS_TEST_IMAGES:
+        f1 = f1_interval(y_true, y_pred, n_classes, n_resamples, confidence, seed)
+        auc = roc_auc_interval(y_true, probabilities, confidence)
+    intervals["f1_ci_low"], intervals["f1_ci_high"] = f1
+    intervals["roc_auc_ci_low"], intervals["roc_auc_ci_high"] = auc
+    if n_classes >= TOP_K_FROM_CLASSES:
+        top = top_k_correct(y_true, probabilities)
+        intervals["top5_accuracy"] = round(float(top.mean()), 6)
+        intervals["top5_accuracy_ci_low"], intervals["top5_accuracy_ci_high"] = accuracy_interval(top, confidence)
     return intervals
+
+
+def undefined_intervals_note(y_true: np.ndarray, classes: list[str]) -> str | None:
+    """Why F1 and ROC AUC have no interval, or None when they have one."""
+    counts = np.bincount(y_true, minlength=len(classes))
+    small = np.flatnonzero(counts < MIN_CLASS_TEST_IMAGES)
+    if not len(small):
+        return None
+    index, fewest = smallest_class(y_true, len(classes))
+    return (
+        f"F1 and ROC AUC have no interval: {len(small)} of {len(classes)} classes have fewer than "
+        f"{MIN_CLASS_TEST_IMAGES} test images (fewest: {classes[index]!r}, {fewest}); accuracy's interval holds"
+    )
 
 
 def mcnemar_p(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
@@ -98,20 +235,11 @@ def mcnemar_p(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
     return float(mcnemar(table, exact=True).pvalue)
 
 
-def paired_comparison(
-    y_true: np.ndarray,
-    correct_reference: np.ndarray,
-    correct_other: np.ndarray,
-    n_resamples: int,
-    confidence: float,
-    seed: int,
-) -> dict[str, Any]:
-    """`other` against `reference` on the same images: accuracy difference (other - reference) with a paired
-    bootstrap interval (the same resampled images for both), McNemar's p and the two discordant counts."""
-    indices = resample_indices(y_true, n_resamples, seed)
-    differences = correct_other[indices].mean(axis=1) - correct_reference[indices].mean(axis=1)
-    low, high = percentile_interval(differences, confidence)
+def paired_comparison(correct_reference: np.ndarray, correct_other: np.ndarray, confidence: float) -> dict[str, Any]:
+    """`other` against `reference` on the same images: the accuracy difference (other - reference) with
+    its paired interval (paired_difference_interval), McNemar's p and the two discordant counts."""
     reference, other = correct_reference.astype(bool), correct_other.astype(bool)
+    low, high = paired_difference_interval(reference, other, confidence)
     return {
         "difference": round(float(other.mean() - reference.mean()), 6),
         "difference_ci_low": low,
