@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from benchmarks import insert_tables  # noqa: E402
 from tests.helpers import make_project  # noqa: E402
 from tlpipe.backbones import PRECISIONS, build_extractor  # noqa: E402
 from tlpipe.datasets import image_dataset  # noqa: E402
@@ -47,7 +47,6 @@ SHARED_WEIGHTS = {
     "VGG16": "vgg16_imagenet_notop.weights.h5",
     "MobileNetV2": "mobilenet_v2_1.0_224_imagenet_notop.weights.h5",
 }
-README_MARKERS = ("<!-- benchmark:start -->", "<!-- benchmark:end -->")
 REPORT = PROJECT_ROOT / "reports" / "benchmark.json"
 
 
@@ -321,14 +320,7 @@ def in_process_measurements(project: Path, backbones: dict[str, dict[str, Any]],
 
 def write_report(report: dict[str, Any]) -> None:
     REPORT.write_text(json.dumps(report, indent=2) + "\n")
-    readme = PROJECT_ROOT / "benchmarks" / "README.md"
-    start, end = README_MARKERS
-    text = readme.read_text()
-    if start in text and end in text:
-        table = readme_table(report)
-        readme.write_text(
-            re.sub(f"{re.escape(start)}.*{re.escape(end)}", lambda _: f"{start}\n{table}\n{end}", text, flags=re.S)
-        )
+    insert_tables(PROJECT_ROOT / "benchmarks" / "README.md", "benchmark", readme_table(report))
     print(readme_table(report))
 
 

@@ -325,7 +325,9 @@ def test_images_without_out_of_fold_probabilities_are_left_out_of_the_label_sear
     table.to_csv(project / out_of_fold("k"), index=False)
     code, err = stages_in_process(project, ("audit",), check=False)
     assert code == 0, err
-    assert f"audit: label issues: {int(unfolded.sum())} images of classes with one train+val image were not checked" in err
+    assert (
+        f"audit: label issues: {int(unfolded.sum())} images of classes with one train+val image were not checked" in err
+    )
     counts = json.loads((project / "metrics" / "audit.json").read_text())
     assert counts["label_issues_checked"] == int((~unfolded).sum())
     assert set(pd.read_csv(project / "reports" / "audit" / "label_issues.csv")["given_label"]) == {"cats"}

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 
 from tlpipe.errors import PipelineError
@@ -77,3 +78,42 @@ def test_a_missing_evaluation_to_pair_with_is_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "reports/evaluation/mobilenet/predictions.csv"
     with pytest.raises(PipelineError, match="^.*predictions.csv is missing; run dvc repro to write it$"):
         correct_by_path(missing)
+
+
+def test_many_small_classes_get_top5_a_per_class_table_and_say_which_intervals_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """120 classes of 1-3 test images: top-5 accuracy with its interval, a per-class table equal to one
+    counted by hand, no F1 or ROC AUC interval and a note saying why."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(12)
+    classes = [f"breed{i:03d}" for i in range(120)]
+    y_true = np.repeat(np.arange(120), rng.integers(1, 4, 120))
+    logits = rng.normal(size=(len(y_true), 120)) + 2.5 * np.eye(120)[y_true]
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    paths = [f"data/prepared/images/{i}.png" for i in range(len(y_true))]
+    Path("data/prepared/images").mkdir(parents=True)
+    for path in paths:  # the picture of errors shows them
+        Image.new("RGB", (8, 8)).save(path)
+    scores = write_evaluation("toy", paths, y_true, probabilities, classes, {}, STATS, 0, NO_SCALING)
+
+    top5 = np.argsort(-probabilities, axis=1)[:, :5]
+    assert scores["top5_accuracy"] == pytest.approx(np.mean((top5 == y_true[:, None]).any(axis=1)), abs=1e-6)
+    assert scores["top5_accuracy_ci_low"] < scores["top5_accuracy"] < scores["top5_accuracy_ci_high"]
+    assert scores["accuracy_ci_low"] < scores["accuracy"] < scores["accuracy_ci_high"]
+    assert scores["f1_ci_low"] is None and scores["roc_auc_ci_low"] is None
+    assert scores["intervals_note"].startswith("F1 and ROC AUC have no interval: 120 of 120 classes have fewer")
+
+    table = pd.read_csv(tmp_path / "reports/evaluation/toy/per_class.csv", keep_default_na=False)
+    predicted = probabilities.argmax(axis=1)
+    assert list(table.columns) == ["class", "precision", "recall", "f1", "support"]
+    assert list(table["class"]) == classes
+    for row in table.itertuples():
+        index = classes.index(row._1)
+        hits = int(np.sum((predicted == index) & (y_true == index)))
+        assert row.support == int(np.sum(y_true == index))
+        assert row.recall == pytest.approx(hits / row.support, abs=1e-6)
+        called = int(np.sum(predicted == index))
+        assert row.precision == pytest.approx(hits / called if called else 0.0, abs=1e-6)
+        assert row.f1 == pytest.approx(2 * hits / (row.support + called), abs=1e-6)
+    assert scores["f1"] == pytest.approx(table["f1"].mean(), abs=1e-5)  # the macro F1 is their mean

@@ -40,41 +40,66 @@ def class_tree(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_hundred_classes_through_evaluation(tmp_path: Path) -> None:
-    """fetch to evaluate, the stages' own code in this process (tests.helpers.stages_in_process); the shipped
-    model's scoring on 120 classes is the test below (fine-tuning adds nothing there that depends on the
-    number of classes). With 4 train+val images per class, cross-validation (5 folds) is skipped with one
-    line, and the audit still runs."""
+@pytest.mark.parametrize("head", ["logistic", "keras"])
+def test_hundred_classes_of_five_images_from_prepare_to_the_shipped_model(tmp_path: Path, head: str) -> None:
+    """The small-data path end to end, the stages' own code in this process (tests.helpers.stages_in_process).
+    With 4 train+val images per class, cross-validation drops to 4 folds and the audit still searches label
+    issues; with 1 validation image per class, the head is fitted on train + val (the Keras head for the
+    epochs the folds kept), calibrated out of fold, and the frozen base and head ship without fine-tuning."""
     project = one_backbone_project(
         tmp_path / "project",
         str(class_tree(tmp_path / "images")),
         "mobilenet",
         "MobileNetV2",
         32,
-        train={"epochs": 5, "patience": 2},
+        train={"epochs": 5, "patience": 2, "head": head},
     )
     _, stderr = stages_in_process(
         project,
         ("fetch",),
         ("prepare",),
         ("features", "mobilenet"),
-        ("train", "mobilenet"),
         ("crossval", "mobilenet"),
+        ("train", "mobilenet"),
         ("audit",),
         ("evaluate", "mobilenet"),
+        ("finetune",),
+        ("ship",),
+        ("evaluate_model",),
     )
-    assert "mobilenet: cross-validation skipped: crossval.folds: 5 folds need at least 5 images" in stderr
-    assert "audit: label issues skipped" in stderr
+    assert "crossval.folds 5 lowered to 4: class 'c000' has 4 train+val images" in stderr
+    ran = json.loads((project / "metrics/crossval/mobilenet.json").read_text())
+    assert (ran["folds"], ran["repeats"], ran["folds_requested"]) == (4, 2, 5)
+    assert "label issues" not in stderr
+    assert json.loads((project / "metrics/audit.json").read_text())["label_issues_checked"] == 4 * N_CLASSES
+    small = "the validation split has 100 images for 100 classes (1.0 per class, under train.min_val_per_class: 10)"
+    assert f"fitted on train + val, because {small}" in stderr
+    if head == "keras":
+        assert f"for {ran['best_epoch_median']} epochs (the median crossval@mobilenet kept)" in stderr
+        logged = json.loads((project / "metrics/train/mobilenet/metrics.json").read_text())
+        assert logged["step"] == ran["best_epoch_median"] - 1  # trained exactly that many epochs
+    else:
+        assert "best_epoch_median" not in ran and "linear probe on 400 images, C = " in stderr
 
     assert json.loads((project / "data/prepared/classes.json").read_text()) == CLASSES
     metrics = json.loads((project / "metrics/mobilenet.json").read_text())
-    assert metrics["n_test"] == N_CLASSES
+    assert metrics["n_test"] == N_CLASSES and metrics["temperature_source"] == "out-of-fold"
     assert math.isfinite(metrics["roc_auc"]) and 0.0 <= metrics["roc_auc"] <= 1.0, metrics
     assert math.isfinite(metrics["loss"]), metrics
+    assert 0 <= metrics["top5_accuracy_ci_low"] <= metrics["top5_accuracy"] <= metrics["top5_accuracy_ci_high"]
+    assert metrics["f1_ci_low"] is None and metrics["intervals_note"].startswith("F1 and ROC AUC have no interval")
     predictions = pd.read_csv(project / "reports/evaluation/mobilenet/predictions.csv")
     assert len(predictions) == N_CLASSES and set(predictions["actual"]) == set(CLASSES)
+    assert len(pd.read_csv(project / "reports/evaluation/mobilenet/per_class.csv")) == N_CLASSES
     roc = json.loads((project / "reports/evaluation/mobilenet/roc.json").read_text())
     assert {r["class"] for r in roc} == set(CLASSES)  # one-vs-rest: one curve per class
+
+    shipped = json.loads((project / "metrics/model.json").read_text())
+    assert shipped["shipped"] == "frozen" and shipped["shipped_reason"].startswith(f"not fine-tuned: {small}")
+    assert f"mobilenet: not fine-tuned: {small}" in stderr
+    assert json.loads((project / "metrics/finetune/metrics.json").read_text())["epochs"] == 0
+    # The frozen base and head, shipped end to end, score the test images as the head did on cached features.
+    assert shipped["accuracy"] == pytest.approx(metrics["accuracy"], abs=0.02)
 
 
 def uniform_model(n_classes: int):

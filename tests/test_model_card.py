@@ -95,3 +95,19 @@ def test_limitations_follow_the_audit_and_the_weights() -> None:
     params["backbones"]["effnet"]["weights"] = None
     assert "randomly initialised (weights: null)" in render(inputs(params=params))
     assert "randomly initialised" not in render(inputs())
+
+
+def test_a_frozen_shipment_its_reason_and_the_classes_left_out_are_on_the_card() -> None:
+    metrics = json.loads((GATE_METRICS / "model.json").read_text())
+    reason = "not fine-tuned: the validation split has 8 images for 2 classes"
+    report = inputs().report | {"left_out": [{"class": "foxes", "usable_images": 2, "reason": "too few"}]}
+    card_inputs = inputs(metrics=metrics | {"shipped": "frozen", "shipped_reason": reason}, report=report)
+    card = render(card_inputs)
+    assert card.startswith("# Model card: `image-classifier` (EfficientNetB0 frozen, with its head,")
+    assert f"- Shipped (`shipped`: frozen): {reason}." in card
+    assert "1 classes left out as too small (`foxes`): the model does not know them" in card
+    logistic = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    logistic["train"]["head"] = "logistic"
+    assert "a linear probe: multinomial logistic regression" in render(inputs(params=logistic))
+    keras = logistic | {"train": logistic["train"] | {"head": "keras"}}
+    assert "early stopping with patience" in render(inputs(params=keras))

@@ -275,15 +275,29 @@ def test_pictures_with_cjk_class_names_draw_no_empty_boxes(tmp_path: Path) -> No
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_hundred_class_confusion_matrix_stays_bounded_and_unannotated() -> None:
+def test_many_classes_draw_the_worst_classes_and_the_most_frequent_confusions(tmp_path) -> None:
+    """Beyond MAX_ANNOTATED_CLASSES, an N x N grid cannot be read: the picture ranks classes and confusions."""
     from tlpipe import pictures
 
-    labels = [f"c{i:03d}" for i in range(100)]
-    matrix = np.eye(100, dtype=int) * 5
-    fig = pictures.confusion_figure(matrix, labels, "many classes")
-    ax = fig.axes[0]
-    assert max(fig.get_size_inches()) <= 2.5 + 0.6 * pictures.MAX_ANNOTATED_CLASSES
-    assert len(ax.texts) == 0 and len(fig.axes) == 2  # no per-cell counts; a colour bar instead
+    n = pictures.MAX_ANNOTATED_CLASSES + 10
+    matrix = np.eye(n, dtype=int) * 4
+    matrix[3, 3], matrix[3, 7] = 0, 4  # class 3: recall 0 of 4, all taken for 7
+    matrix[5, 5], matrix[5, 6] = 1, 3  # class 5: recall 0.25
+    matrix[9, 9], matrix[9, 2] = 0, 1  # class 9: recall 0, one image
+    worst = pictures.worst_classes(matrix)
+    assert worst[:3] == [(3, 0.0, 4), (9, 0.0, 1), (5, 0.25, 4)]
+    assert len(worst) == pictures.MAX_SHOWN_CONFUSIONS
+    assert pictures.frequent_confusions(matrix) == [(3, 7, 4), (5, 6, 3), (9, 2, 1)]
+    labels = [f"c{i:03d}" for i in range(n)]
+    fig = pictures.confusions_figure(matrix, labels, "many classes")
+    left, right = fig.axes
+    # Tick labels in the order drawn, top down: the worst class and the most frequent confusion on top.
+    assert [tick.get_text() for tick in left.get_yticklabels()][:3] == ["c003", "c009", "c005"]
+    assert [tick.get_text() for tick in right.get_yticklabels()] == ["c003 → c007", "c005 → c006", "c009 → c002"]
+    assert left.get_yticks()[0] == len(worst) - 1 and right.get_yticks()[0] == 2
+    pictures.pyplot().close(fig)
+    pictures.confusion_matrix(matrix, labels, "many classes", tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     few = pictures.confusion_figure(np.eye(3, dtype=int), labels[:3], "three")
     assert len(few.axes[0].texts) == 9
 

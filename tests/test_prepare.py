@@ -361,6 +361,72 @@ def test_class_under_the_minimum_warns_once_and_the_run_goes_on(tmp_path, monkey
     assert json.loads((tmp_path / "data/prepared/report.json").read_text())["warnings"] == []
 
 
+def test_classes_too_small_to_keep_are_left_out_listed_and_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """data.min_class_images: a class under it, or one that cannot reach every split, is left out, with its
+    reason in the report and one line for all of them; its images are not part of the prepared data."""
+    entries = class_images("", {"roses": 6, "tulips": 2, "daisies": 4, "irises": 5}) | {"tulips/x.jpg": b"text"}
+    capsys.readouterr()
+    report, rows = run_prepare(tmp_path, monkeypatch, entries, min_class_images=5)
+
+    assert report["classes"] == ["irises", "roses"]
+    assert {row["label"] for row in rows} == {"irises", "roses"}
+    assert json.loads((tmp_path / "data/prepared/classes.json").read_text()) == ["irises", "roses"]
+    assert sorted(p.name for p in (tmp_path / "data/prepared/images").iterdir()) == ["irises", "roses"]
+    assert report["left_out"] == [
+        {
+            "class": "daisies",
+            "usable_images": 4,
+            "reason": "class 'daisies' has 4 usable images, fewer than data.min_class_images (5)",
+        },
+        {
+            "class": "tulips",
+            "usable_images": 2,
+            "reason": "class 'tulips' has 2 usable images, fewer than data.min_class_images (5)",
+        },
+    ]
+    assert report["skipped"] == []  # the skipped file was in a class left out
+    assert json.loads((tmp_path / "data/prepared/report.json").read_text())["left_out"] == report["left_out"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prepare:")]
+    assert lines == [
+        "prepare: left out 2 of 4 classes too small to reach every split or under data.min_class_images (usable "
+        "images): 'daisies' (4), 'tulips' (2); each with its reason in data/prepared/report.json `left_out`"
+    ]
+
+
+def test_a_class_that_cannot_reach_every_split_is_left_out_with_the_folder_that_lacks_images(tmp_path, monkeypatch):
+    entries = two_level({"cats": 4, "dogs": 4, "foxes": 6}, {"cats": 2, "dogs": 2}) | {
+        "dataset/validation/foxes/notes.txt": b"text"
+    }
+    report, rows = run_prepare(tmp_path, monkeypatch, entries, min_class_images=3)
+    assert report["classes"] == ["cats", "dogs"] and {row["label"] for row in rows} == {"cats", "dogs"}
+    assert [item["class"] for item in report["left_out"]] == ["foxes"]
+    assert report["left_out"][0]["reason"].startswith(
+        "folder dataset/validation/foxes/ in data/raw/dataset.zip (class 'foxes') has no usable images: all 1 "
+        "files were skipped (e.g. notes.txt: not an image); the class needs at least 1 there (1 for the test split)"
+    )
+    assert not (tmp_path / "data/prepared/images/dataset/train/foxes").exists()
+
+
+def test_too_few_classes_left_is_one_line(tmp_path, monkeypatch):
+    entries = class_images("", {"roses": 6, "tulips": 2, "daisies": 1})
+    with pytest.raises(PipelineError, match=r"^2 of 3 classes are too small to keep and only 'roses' is left") as error:
+        run_prepare(tmp_path, monkeypatch, entries, min_class_images=3)
+    assert "\n" not in str(error.value) and "lower data.min_class_images" in str(error.value)
+    assert not (tmp_path / PREPARED_DIR).exists() and leftovers(tmp_path) == []
+
+
+def test_many_small_classes_are_one_warning_line_and_each_is_in_the_report(tmp_path, monkeypatch, capsys):
+    minimum = prepare_module.MIN_TRAIN_IMAGES
+    sizes = {f"c{i}": 3 + i for i in range(8)}  # every class under the minimum of training images
+    capsys.readouterr()
+    report, _ = run_prepare(tmp_path, monkeypatch, class_images("", sizes), min_class_images=3)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: 8 classes have fewer than {minimum} training images")
+    assert lines[0].count("'c") == prepare_module.SHOWN_CLASSES and "and 3 more" in lines[0]
+    assert "'c0' (1)" in lines[0]  # the smallest first
+    assert sorted(w["class"] for w in report["warnings"]) == sorted(sizes)
+
+
 # --- safe unpacking -----------------------------------------------------------------------------------
 
 

@@ -186,7 +186,9 @@ def test_top5_accuracy_counts_the_true_class_among_the_five_most_probable_from_t
     assert intervals["top5_accuracy"] == pytest.approx(np.mean(ranks < 5), abs=1e-6)
     low, high = intervals["top5_accuracy_ci_low"], intervals["top5_accuracy_ci_high"]
     assert (low, high) == pytest.approx(wilson_by_hand(int(np.sum(ranks < 5)), 300), abs=1e-6)
-    nine = statistics.score_intervals(y % 9, probabilities[:, :9] / probabilities[:, :9].sum(1, keepdims=True), 200, 0.95, 0)
+    nine = statistics.score_intervals(
+        y % 9, probabilities[:, :9] / probabilities[:, :9].sum(1, keepdims=True), 200, 0.95, 0
+    )
     assert "top5_accuracy" not in nine
 
 

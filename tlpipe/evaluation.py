@@ -24,6 +24,7 @@ from tlpipe.scoring import (
     confusion_matrix,
     confusion_records,
     normalised_rows,
+    per_class_scores,
     roc_records,
 )
 from tlpipe.small_data import validation_decides
@@ -36,11 +37,18 @@ def title(name: str, extra: dict[str, Any]) -> str:
 
 
 def headline(scores: dict[str, Any]) -> str:
-    """One line for the log: accuracy with its interval, ROC AUC, ECE before and after scaling."""
+    """One line for the log: accuracy (and top-5 accuracy) with its interval, ROC AUC, ECE before and after
+    scaling."""
     auc = "undefined" if scores["roc_auc"] is None else f"{scores['roc_auc']:.4f}"
+    top5 = ""
+    if "top5_accuracy" in scores:
+        top5 = (
+            f"top-5 {scores['top5_accuracy']:.4f} [{scores['top5_accuracy_ci_low']:.4f}, "
+            f"{scores['top5_accuracy_ci_high']:.4f}], "
+        )
     return (
         f"test accuracy {scores['accuracy']:.4f} [{scores['accuracy_ci_low']:.4f}, {scores['accuracy_ci_high']:.4f}], "
-        f"roc_auc {auc}, ECE {scores['ece']:.4f} -> {scores['ece_calibrated']:.4f} at temperature "
+        f"{top5}roc_auc {auc}, ECE {scores['ece']:.4f} -> {scores['ece_calibrated']:.4f} at temperature "
         f"{scores['temperature']:.3f} ({temperature_reason(scores)})"
     )
 
@@ -175,6 +183,8 @@ def write_evaluation(
     )
     with atomic_path(out_dir / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "per_class.csv") as tmp:
+        per_class_scores(y_true, y_pred, classes).to_csv(tmp, index=False)
     heading = title(name, extra)
     pictures.confusion_matrix(
         confusion_matrix(y_true, y_pred, len(classes)), classes, heading, out_dir / "confusion.png"

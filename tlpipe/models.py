@@ -63,8 +63,9 @@ def head_layers(x: Any, n_classes: int, dropout: float, hidden_units: int) -> An
 PROBE_CS = np.logspace(-4, 2, 13)
 PROBE_FOLDS = 5  # at most; fewer where the smallest class has fewer images
 PROBE_MAX_ITER = 1000
-# The logit a class absent from the probe's training images gets: its probability is about exp(-30).
-ABSENT_CLASS_BIAS = -30.0
+# The logit a class absent from the probe's training images gets: far enough below any other that its
+# softmax probability is 0 (in float32).
+ABSENT_CLASS_BIAS = -1e4
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import numpy as np
 from tlpipe.files import atomic_path
 
 MAX_ERRORS_SHOWN = 24
-MAX_ANNOTATED_CLASSES = 30  # confusion matrices with more classes show colours, not counts
+MAX_ANNOTATED_CLASSES = 30  # beyond, the confusion picture shows the worst classes and confusions instead
+MAX_SHOWN_CONFUSIONS = 20  # classes and confusions that picture shows
 MAX_LEGEND_CLASSES = 12  # ROC plots with more curves show their mean AUC instead of a legend
 # The share of the figure's width a title may take: layouts move axes but never shrink or wrap text.
 TITLE_ROOM = 0.94
@@ -200,30 +201,73 @@ def restored_epoch(history: dict[str, list[float]]) -> int | None:
 
 
 def confusion_matrix(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+    """The N x N matrix with a count in every cell up to MAX_ANNOTATED_CLASSES classes; beyond, where such a
+    grid can no longer be read, the classes recalled worst and the most frequent confusions."""
     with class_names(classes) as shown:
-        save_png(confusion_figure(matrix, [shown[name] for name in classes], title), path)
+        labels = [shown[name] for name in classes]
+        many = len(classes) > MAX_ANNOTATED_CLASSES
+        save_png((confusions_figure if many else confusion_figure)(matrix, labels, title), path)
 
 
 def confusion_figure(matrix: np.ndarray, labels: list[str], title: str) -> Any:
-    """`labels`: the class names as `class_names` writes them.
-
-    Up to MAX_ANNOTATED_CLASSES classes every cell shows its count; beyond that the colours alone do, in a
-    figure of bounded size (a hundred classes would otherwise draw ten thousand numbers on a 60-inch page).
-    """
-    annotated = len(labels) <= MAX_ANNOTATED_CLASSES
-    size = 2.5 + 0.6 * min(len(labels), MAX_ANNOTATED_CLASSES)
+    """`labels`: the class names as `class_names` writes them; every cell shows its count."""
+    size = 2.5 + 0.6 * len(labels)
     fig, ax = pyplot().subplots(figsize=(size, size), layout="tight")
-    image = ax.imshow(matrix, cmap="Blues")
-    tick_size = None if annotated else max(3.0, 10.0 * MAX_ANNOTATED_CLASSES / len(labels))
-    ax.set_xticks(range(len(labels)), labels, rotation=45 if annotated else 90, ha="right", fontsize=tick_size)
-    ax.set_yticks(range(len(labels)), labels, fontsize=tick_size)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    if annotated:
-        for (i, j), count in np.ndenumerate(matrix):
-            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
-    else:
-        fig.colorbar(image, ax=ax, shrink=0.6, label="images")
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
+    figure_title(fig, title)
+    return fig
+
+
+def worst_classes(matrix: np.ndarray, shown: int = MAX_SHOWN_CONFUSIONS) -> list[tuple[int, float, int]]:
+    """(class, recall, test images) of the `shown` classes with test images recalled worst: lowest recall first,
+    then most images (a class missed 3 times in 3 before one missed once in 1)."""
+    support = matrix.sum(axis=1)
+    present = np.flatnonzero(support)
+    recall = np.diag(matrix)[present] / support[present]
+    order = np.lexsort((-support[present], recall))[:shown]
+    return [(int(present[i]), float(recall[i]), int(support[present[i]])) for i in order]
+
+
+def frequent_confusions(matrix: np.ndarray, shown: int = MAX_SHOWN_CONFUSIONS) -> list[tuple[int, int, int]]:
+    """(actual, predicted, images) of the `shown` most frequent confusions, most first (ties in class order)."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    actual, predicted = np.nonzero(off)
+    order = np.lexsort((predicted, actual, -off[actual, predicted]))[:shown]
+    return [(int(actual[i]), int(predicted[i]), int(off[actual[i], predicted[i]])) for i in order]
+
+
+def confusions_figure(matrix: np.ndarray, labels: list[str], title: str) -> Any:
+    """For many classes: the worst-recalled classes (recall, test images) beside the most frequent confusions."""
+    from matplotlib.ticker import MaxNLocator
+
+    worst, confused = worst_classes(matrix), frequent_confusions(matrix)
+    rows = max(len(worst), len(confused), 1)
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(13, 1.2 + 0.32 * rows), layout="constrained")
+    y = np.arange(len(worst))[::-1]
+    left.barh(y, [recall for _, recall, _ in worst], color="tab:red")
+    left.set_yticks(y, [labels[index] for index, _, _ in worst], fontsize=8)
+    for row, (_, recall, support) in zip(y, worst):
+        left.text(recall, row, f" {recall:.2f} of {support}", va="center", fontsize=8)
+    left.set_xlim(0, 1.25)
+    left.set_xlabel("recall (share of the class's test images predicted as it)")
+    left.set_title(f"{len(worst)} classes recalled worst, of {len(labels)}", fontsize=10)
+    y = np.arange(len(confused))[::-1]
+    right.barh(y, [count for _, _, count in confused], color="tab:blue")
+    right.set_yticks(y, [f"{labels[a]} → {labels[p]}" for a, p, _ in confused], fontsize=8)
+    for row, (_, _, count) in zip(y, confused):
+        right.text(count, row, f" {count}", va="center", fontsize=8)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set_xlabel("test images (actual → predicted)")
+    right.set_title(f"{len(confused)} most frequent confusions", fontsize=10)
+    if not confused:
+        right.text(0.5, 0.5, "no test image was confused", ha="center", transform=right.transAxes)
     figure_title(fig, title)
     return fig
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sklearn import metrics as skm
 
 from tlpipe.errors import PipelineError
@@ -74,6 +75,23 @@ def classification_scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict
         "loss": round(float(skm.log_loss(y_true, clipped_rows(probabilities), labels=labels)), 6),
         "n_test": int(len(y_true)),
     }
+
+
+def per_class_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Each class's precision, recall, F1 and support (test images), in class order: how a result of many
+    classes is read."""
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(classes))), average=None, zero_division=0
+    )
+    return pd.DataFrame(
+        {
+            "class": classes,
+            "precision": precision.round(6),
+            "recall": recall.round(6),
+            "f1": f1.round(6),
+            "support": support.astype(int),
+        }
+    )
 
 
 def clipped_rows(probabilities: np.ndarray) -> np.ndarray:
