@@ -47,12 +47,19 @@ def what_to_fit(key: str, features: dict[str, np.ndarray], n_classes: int, setti
     if validation_decides(val[1], n_classes, settings["min_val_per_class"]):
         return Fit(x, y, val, None, "train")
     reason = small_validation_reason(val[1], n_classes, settings["min_val_per_class"])
-    epochs = read_json(crossval_metrics(key)).get("best_epoch_median")
-    if settings["head"] == "keras" and epochs is None:
-        return Fit(x, y, val, None, f"train, early stopping on val although {reason}: crossval@{key} kept no epochs")
-    suffix = "" if settings["head"] == "logistic" else f", for {epochs} epochs (the median crossval@{key} kept)"
     x_all, y_all = np.concatenate([x, val[0].astype(np.float32)]), np.concatenate([y, val[1]])
-    return Fit(x_all, y_all, None, epochs, f"train + val, because {reason}{suffix}")
+    if settings["head"] == "logistic":
+        return Fit(x_all, y_all, None, None, f"train + val, because {reason}")
+    epochs = read_json(crossval_metrics(key)).get("best_epoch_median")
+    if epochs is None:
+        return Fit(x, y, val, None, f"train, early stopping on val although {reason}: crossval@{key} kept no epochs")
+    return Fit(
+        x_all,
+        y_all,
+        None,
+        epochs,
+        f"train + val, because {reason}, for {epochs} epochs (the median crossval@{key} kept)",
+    )
 
 
 @stage_main

@@ -36,7 +36,9 @@ def features_project(root: Path, strategy: str) -> Path:
     (root / "data/prepared/classes.json").write_text(json.dumps(["a", "b"]))
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["distribute"]["strategy"] = strategy
-    params["train"] |= {"epochs": 10, "learning_rate": 0.01}  # few epochs: mirrored pays per-step overhead
+    # The Keras head, which the strategy trains (the linear probe has no replicas); few epochs: mirrored pays
+    # per-step overhead.
+    params["train"] |= {"head": "keras", "epochs": 10, "learning_rate": 0.01}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     for package in ("stages", "tlpipe"):
         shutil.copytree(PROJECT_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
