@@ -22,7 +22,7 @@ from tlpipe.datasets import read_classes
 from tlpipe.errors import stage_main
 from tlpipe.feature_cache import load_features, training_arrays
 from tlpipe.files import atomic_dir, read_json
-from tlpipe.models import PROBE_CS, best_epoch, fit_probe, save_model, train_head
+from tlpipe.models import PROBE_CS, Probe, best_epoch, fit_probe, save_model, train_head
 from tlpipe.params import load_params
 from tlpipe.paths import crossval_metrics, head_model, train_log_dir, training_picture
 from tlpipe.progress import dvclive_callback, dvclive_logger
@@ -74,7 +74,7 @@ def main(key: str) -> None:
         if settings["head"] == "logistic":
             probe = fit_probe(fit.x, fit.y, n_classes, settings["dropout"], settings["class_weight"], params["seed"])
             save_model(probe.head, head_model(key))
-            log_path(log_dir, probe.cv_losses)
+            log_path(log_dir, probe)
             title = f"{key}: linear probe on cached features, regularisation chosen by cross-validation"
             pictures.regularisation_path(list(PROBE_CS), probe.cv_losses, probe.c, title, training_picture(key))
             print(f"{key}: {probe.line(len(fit.y))}; fitted on {fit.on}", file=sys.stderr)
@@ -97,12 +97,16 @@ def main(key: str) -> None:
     print(f"{key}: {best_epoch(history)}; fitted on {fit.on}", file=sys.stderr)
 
 
-def log_path(log_dir: Path, cv_losses: list[float]) -> None:
-    """The probe's cross-validated log loss at each C, one dvclive step per C (step 0 the smallest)."""
+def log_path(log_dir: Path, probe: Probe) -> None:
+    """The probe's cross-validated log loss at each C, one dvclive step per C (step 0 the smallest); without
+    cross-validation, the one C used."""
     logger = dvclive_logger(log_dir)
-    for c, loss in zip(PROBE_CS, cv_losses or [float("nan")] * len(PROBE_CS)):
+    for c, loss in zip(PROBE_CS, probe.cv_losses):
         logger.log_metric("C", float(c))
         logger.log_metric("cv_log_loss", float(loss))
+        logger.next_step()
+    if not probe.cv_losses:
+        logger.log_metric("C", probe.c)
         logger.next_step()
     logger.end()
 

@@ -5,7 +5,7 @@
 - F1 where it has an interval: not in setting b, whose classes have 1-3 test images (the pipeline gives
   none there, and says so);
 - ROC AUC where it has one: at least 93%. Newcombe's score interval is conservative where the AUC is near 1
-  (99.9% in setting a, 98.4% in c): a wider interval, never a narrower one (docs/statistics.md).
+  (settings a and c): a wider interval, never a narrower one (docs/statistics.md).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ per-epoch and per-model overhead, paid folds x repeats times here. `FoldTrainer`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,11 +198,12 @@ def cross_validate(
     `seed`; fold i's early-stopping slice, shuffling and initial weights by `seed + i`)."""
     summed = np.zeros((len(y), n_classes))
     accuracies, best_epochs = [], []
-    fit_fold = probe_fold if train_settings["head"] == "logistic" else keras_fold(x.shape[1], n_classes, train_settings)
+    if train_settings["head"] == "logistic":
+        fit_fold = probe_folds(x, y, n_classes, train_settings)
+    else:
+        fit_fold = keras_folds(x, y, n_classes, train_settings, val_fraction)
     for index, (_, train, held_out) in enumerate(folds_of(y, folds, repeats, seed)):
-        probabilities, best_epoch = fit_fold(
-            x, y, train, held_out, n_classes, train_settings, val_fraction, seed + index
-        )
+        probabilities, best_epoch = fit_fold(train, held_out, seed + index)
         if best_epoch is not None:
             best_epochs.append(best_epoch)
         summed[held_out] += probabilities
@@ -210,41 +211,32 @@ def cross_validate(
     return CrossValidation(accuracies, summed / repeats, best_epochs)
 
 
-def probe_fold(
-    x: np.ndarray,
-    y: np.ndarray,
-    train: np.ndarray,
-    held_out: np.ndarray,
-    n_classes: int,
-    settings: dict[str, Any],
-    val_fraction: float,
-    seed: int,
-) -> tuple[np.ndarray, None]:
-    """The linear probe fitted on the fold's training part: its probabilities for the held-out images."""
+# Fits one fold's head on the images `train` and returns its probabilities for `held_out`, and for the Keras
+# head the epoch early stopping kept: (train, held_out, seed) -> (probabilities, best epoch or None).
+FoldFit = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, "int | None"]]
+
+
+def probe_folds(x: np.ndarray, y: np.ndarray, n_classes: int, settings: dict[str, Any]) -> FoldFit:
+    """Each fold's linear probe, fitted as the train stage fits it."""
     from tlpipe.models import fit_probe
 
-    probe = fit_probe(x[train], y[train], n_classes, settings["dropout"], settings["class_weight"], seed)
-    return class_probabilities(np.asarray(probe.head(x[held_out], training=False))), None
+    def fit_fold(train: np.ndarray, held_out: np.ndarray, seed: int) -> tuple[np.ndarray, None]:
+        probe = fit_probe(x[train], y[train], n_classes, settings["dropout"], settings["class_weight"], seed)
+        return class_probabilities(np.asarray(probe.head(x[held_out], training=False))), None
+
+    return fit_fold
 
 
-def keras_fold(n_features: int, n_classes: int, settings: dict[str, Any]) -> Any:
-    """A fold function for the Keras head, with one FoldTrainer (one compiled epoch) for every fold."""
+def keras_folds(x: np.ndarray, y: np.ndarray, n_classes: int, settings: dict[str, Any], val_fraction: float) -> FoldFit:
+    """Each fold's Keras head, with one FoldTrainer (one compiled epoch) for every fold."""
     import keras
 
     from tlpipe.models import class_weights
 
-    trainer = FoldTrainer(n_features, n_classes, settings)
+    trainer = FoldTrainer(x.shape[1], n_classes, settings)
+    labels = y.astype(np.float32)
 
-    def fit_fold(
-        x: np.ndarray,
-        y: np.ndarray,
-        train: np.ndarray,
-        held_out: np.ndarray,
-        n_classes: int,
-        settings: dict[str, Any],
-        val_fraction: float,
-        seed: int,
-    ) -> tuple[np.ndarray, int]:
+    def fit_fold(train: np.ndarray, held_out: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
         fit_part, stop_part = early_stopping_split(y[train], val_fraction, seed)
         fit, stop = train[fit_part], train[stop_part]
         normalization = keras.layers.Normalization()
@@ -252,7 +244,6 @@ def keras_fold(n_features: int, n_classes: int, settings: dict[str, Any]) -> Any
         z = np.asarray(normalization(x))
         per_class = class_weights(y[fit], n_classes, settings["class_weight"]) or {}
         weights = np.array([per_class.get(int(label), 1.0) for label in y[fit]], dtype=np.float32)
-        labels = y.astype(np.float32)
         val_losses = trainer.fit((z[fit], labels[fit], weights), (z[stop], labels[stop]), seed)
         return class_probabilities(trainer.predict(z[held_out])), int(np.argmin(val_losses)) + 1
 

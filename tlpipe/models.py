@@ -98,6 +98,7 @@ def fit_probe(
     x: np.ndarray, y: np.ndarray, n_classes: int, dropout: float, class_weight: str | None, seed: int
 ) -> Probe:
     """Fit the linear probe on (x, y) and return it as a Keras head (build_head with no hidden layer)."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
     from threadpoolctl import threadpool_limits
@@ -105,26 +106,27 @@ def fit_probe(
     head = build_head(x, n_classes, dropout, hidden_units=0)
     z = np.asarray(head.get_layer("feature_normalization")(x.astype(np.float32)), dtype=np.float64)
     folds = probe_folds(y)
-    weight = "balanced" if class_weight == "balanced" else None
+    # One BLAS thread: on matrices this small, more threads cost more than they give (several times, on two
+    # cores). A class with fewer images than folds, and lbfgs stopping at max_iter at a weak regularisation of
+    # separable data, are expected on small data and change nothing in the choice: not worth a warning.
     with warnings.catch_warnings(), threadpool_limits(1):
-        # One BLAS thread: on these small matrices more threads cost more than they give (several times on
-        # two cores). A class with fewer images than folds, and lbfgs stopping at max_iter on separable data: both are
-        # expected on small data, and neither changes the choice.
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         if folds:
             model = LogisticRegressionCV(
                 Cs=PROBE_CS,
+                l1_ratios=(0.0,),  # plain L2
                 cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                 scoring="neg_log_loss",
                 max_iter=PROBE_MAX_ITER,
-                class_weight=weight,
+                class_weight=class_weight,
                 random_state=seed,
+                use_legacy_attributes=False,  # C_ a float, scores_ an array (folds, l1 ratios, Cs)
             ).fit(z, y)
-            c = float(model.C_[0])
-            # scores_ holds the same (folds, Cs) array for every class of a multinomial fit.
-            cv_losses = (-next(iter(model.scores_.values())).mean(axis=0)).round(6).tolist()
+            c = float(model.C_)
+            cv_losses = (-model.scores_[:, 0, :].mean(axis=0)).round(6).tolist()
         else:
-            model, c = LogisticRegression(max_iter=PROBE_MAX_ITER, class_weight=weight).fit(z, y), 1.0
+            model, c = LogisticRegression(max_iter=PROBE_MAX_ITER, class_weight=class_weight).fit(z, y), 1.0
             cv_losses = []
     set_linear_weights(head, model.coef_, model.intercept_, model.classes_, n_classes)
     return Probe(head, c, folds, cv_losses)

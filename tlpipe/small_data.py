@@ -4,7 +4,8 @@ Validation decides the head only where it holds `train.min_val_per_class` images
 (`validation_decides`). Where it is smaller, the head (params.yaml `train.head`) is fitted on train + val: the
 Keras head for the median number of epochs early stopping kept across cross-validation's folds, the linear
 probe as always. Calibration then comes from cross-validation's out-of-fold probabilities instead of val
-(tlpipe.evaluation.held_out_calibration), and fine-tuning is not shipped: nothing held out could show that it is not worse.
+(tlpipe.evaluation.held_out_calibration), and fine-tuning is not shipped: nothing held out could show that it
+is not worse.
 """
 
 from __future__ import annotations
