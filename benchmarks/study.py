@@ -106,7 +106,8 @@ def table(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"**Recommended: `{report['recommended']}`**: {report['recommended_reason']}. Shipped: "
+        f"**Recommended: `{report['recommended']}`** "
+        f"{report['recommended_reason'].removeprefix(report['recommended'] + ' ')}. Shipped: "
         f"{report['shipped']} ({report['shipped_reason']}); against the frozen head, fine-tuning "
         f"{report['fine_tuning']}.",
     ]
@@ -116,12 +117,16 @@ def table(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=SHARED_DIR)
+    parser.add_argument("--table-only", action="store_true", help=f"rewrite the table from {REPORT.name}, run nothing")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tl-study-") as tmp:
-        report = {"machine": machine(), "date": date.today().isoformat()} | run_study(
-            study_project(Path(tmp) / "project", args.shared)
-        )
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    if args.table_only:
+        report = json.loads(REPORT.read_text())
+    else:
+        with tempfile.TemporaryDirectory(prefix="tl-study-") as tmp:
+            report = {"machine": machine(), "date": date.today().isoformat()} | run_study(
+                study_project(Path(tmp) / "project", args.shared)
+            )
+        REPORT.write_text(json.dumps(report, indent=2) + "\n")
     insert_tables(README, "study", table(report))
     print(table(report))
 

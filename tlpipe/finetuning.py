@@ -122,10 +122,10 @@ class FineTuned:
         """Why what ships ships, in the held-out evidence's words."""
         if self.rejected is not None:
             return (
-                f"fine-tuning raised the validation loss from {self.frozen[0]:.4f} to {self.rejected[0]:.4f}: "
+                f"fine-tuning raised the validation loss from {self.frozen[0]:.4g} to {self.rejected[0]:.4g}: "
                 "the frozen base and head ship"
             )
-        return f"fine-tuning lowered the validation loss from {self.frozen[0]:.4f} to {self.tuned[0]:.4f}"
+        return f"fine-tuning lowered the validation loss from {self.frozen[0]:.4g} to {self.tuned[0]:.4g}"
 
 
 def fine_tune(

@@ -121,7 +121,8 @@ def prepare(archive: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
         if line := small_class_line(warnings):
             print(f"warning: {line}", file=sys.stderr)
         public = functools.partial(public_path, images=images, out_dir=out_dir)
-        outcomes = [item for item in checked.values() if in_kept_class(item.source, layout)]
+        removed = [root / item["class"] for item in left_out for root in layout.sources.values()]
+        outcomes = [item for item in checked.values() if not any(item.source.is_relative_to(f) for f in removed)]
         outcomes += [Checked(path, None, "not in a class folder") for path in unused]
         report = build_report(archive, images, layout, rows, outcomes, ignored, public) | {
             "warnings": warnings,
@@ -434,11 +435,6 @@ def leave_out(
         file=sys.stderr,
     )
     return dataclasses.replace(layout, classes=classes), left_out
-
-
-def in_kept_class(path: Path, layout: Layout) -> bool:
-    """Whether `path` lies in the folder of a class of `layout`."""
-    return any(path.is_relative_to(root / label) for root in layout.sources.values() for label in layout.classes)
 
 
 def usable_count(files: list[Path], checked: dict[Path, Checked], usable: int) -> str:
