@@ -112,7 +112,7 @@ def test_the_shipped_model_stays_while_a_new_one_trains_and_after_it_is_killed(p
     dvc(project, "repro", "ship")  # evaluations are not needed here
     shipped = {name: (project / "models" / name).read_bytes() for name in ("model.keras", "labels.json")}
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["finetune"]["epochs"] = 200  # a new, long fine-tune
+    params["finetune"] |= {"epochs": 200, "patience": 200}  # a new, long fine-tune: early stopping must not end it
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     image = next((project / "data/prepared").rglob("*.jpg"))
 
