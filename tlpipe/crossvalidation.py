@@ -199,9 +199,9 @@ def cross_validate(
     summed = np.zeros((len(y), n_classes))
     accuracies, best_epochs = [], []
     if train_settings["head"] == "logistic":
-        fit_fold = probe_folds(x, y, n_classes, train_settings)
+        fit_fold = probe_fold_fits(x, y, n_classes, train_settings)
     else:
-        fit_fold = keras_folds(x, y, n_classes, train_settings, val_fraction)
+        fit_fold = keras_fold_fits(x, y, n_classes, train_settings, val_fraction)
     for index, (_, train, held_out) in enumerate(folds_of(y, folds, repeats, seed)):
         probabilities, best_epoch = fit_fold(train, held_out, seed + index)
         if best_epoch is not None:
@@ -216,7 +216,7 @@ def cross_validate(
 FoldFit = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, "int | None"]]
 
 
-def probe_folds(x: np.ndarray, y: np.ndarray, n_classes: int, settings: dict[str, Any]) -> FoldFit:
+def probe_fold_fits(x: np.ndarray, y: np.ndarray, n_classes: int, settings: dict[str, Any]) -> FoldFit:
     """Each fold's linear probe, fitted as the train stage fits it."""
     from tlpipe.models import fit_probe
 
@@ -227,7 +227,9 @@ def probe_folds(x: np.ndarray, y: np.ndarray, n_classes: int, settings: dict[str
     return fit_fold
 
 
-def keras_folds(x: np.ndarray, y: np.ndarray, n_classes: int, settings: dict[str, Any], val_fraction: float) -> FoldFit:
+def keras_fold_fits(
+    x: np.ndarray, y: np.ndarray, n_classes: int, settings: dict[str, Any], val_fraction: float
+) -> FoldFit:
     """Each fold's Keras head, with one FoldTrainer (one compiled epoch) for every fold."""
     import keras
 

@@ -177,13 +177,6 @@ def roc_auc_interval(y_true: np.ndarray, probabilities: np.ndarray, confidence: 
     return rounded((low, high))
 
 
-def smallest_class(y_true: np.ndarray, n_classes: int) -> tuple[int, int]:
-    """(class index, test images) of the class with the fewest test images."""
-    counts = np.bincount(y_true, minlength=n_classes)
-    index = int(np.argmin(counts))
-    return index, int(counts[index])
-
-
 def top_k_correct(y_true: np.ndarray, probabilities: np.ndarray, k: int = TOP_K) -> np.ndarray:
     """Whether each image's class is among its k most probable (ties broken as argsort breaks them)."""
     top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
@@ -199,9 +192,8 @@ def score_intervals(
     y_pred = probabilities.argmax(axis=1)
     intervals: dict[str, Any] = {}
     intervals["accuracy_ci_low"], intervals["accuracy_ci_high"] = accuracy_interval(y_pred == y_true, confidence)
-    _, fewest = smallest_class(y_true, n_classes)
     f1 = auc = (None, None)
-    if fewest >= MIN_CLASS_TEST_IMAGES:
+    if np.bincount(y_true, minlength=n_classes).min() >= MIN_CLASS_TEST_IMAGES:
         f1 = f1_interval(y_true, y_pred, n_classes, n_resamples, confidence, seed)
         auc = roc_auc_interval(y_true, probabilities, confidence)
     intervals["f1_ci_low"], intervals["f1_ci_high"] = f1
@@ -219,10 +211,11 @@ def undefined_intervals_note(y_true: np.ndarray, classes: list[str]) -> str | No
     small = np.flatnonzero(counts < MIN_CLASS_TEST_IMAGES)
     if not len(small):
         return None
-    index, fewest = smallest_class(y_true, len(classes))
+    fewest = int(np.argmin(counts))
     return (
         f"F1 and ROC AUC have no interval: {len(small)} of {len(classes)} classes have fewer than "
-        f"{MIN_CLASS_TEST_IMAGES} test images (fewest: {classes[index]!r}, {fewest}); accuracy's interval holds"
+        f"{MIN_CLASS_TEST_IMAGES} test images (fewest: {classes[fewest]!r}, {counts[fewest]}); accuracy's "
+        "interval holds"
     )
 
 
