@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
+import importlib
+import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -14,6 +19,7 @@ from tests.helpers import PROJECT_ROOT
 
 DOCS = PROJECT_ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
+DOC_PAGES = [PROJECT_ROOT / "README.md", PROJECT_ROOT / "CONTRIBUTING.md", *PAGES]
 BACKTICKED = re.compile(r"`([^`\s]+)`")
 MARKERS = re.compile(r"<!-- (\w+):start -->(.*?)<!-- \1:end -->", re.S)
 
@@ -53,7 +59,18 @@ def declared_outputs() -> set[str]:
     return outputs
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def backbone_generic(name: str) -> str:
+    """`backbones.vgg16.weights` as params' names spell it: `backbones.<b>.weights`."""
+    return re.sub(r"^backbones\.[^.]+", "backbones.<b>", name)
+
+
+def is_declared(path: str, outputs: set[str]) -> bool:
+    """A stage writes the path, a file in it (a folder of outputs), or the folder it lies in."""
+    path = path.rstrip("/")
+    return any(path == out or path.startswith(f"{out}/") or out.startswith(f"{path}/") for out in outputs)
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda page: page.name)
 def test_every_parameter_and_path_a_page_names_exists(page: Path) -> None:
     """A backticked `section.key` must be in params.yaml; a backticked path must be in the tree or be what
     dvc.yaml says a stage writes (`<b>` standing for a backbone; `<class>` paths are a dataset's layout)."""
@@ -61,12 +78,15 @@ def test_every_parameter_and_path_a_page_names_exists(page: Path) -> None:
     known, outputs = parameter_names(params), declared_outputs()
     problems = []
     for token in BACKTICKED.findall(page.read_text(encoding="utf-8")):
-        if token.split(".")[0] in params and "/" not in token and token not in known:
+        if FILE_SUFFIX.search(token) and "/" not in token:
+            continue
+        if token.split("/")[0] in DATASET_PARTS:
+            continue
+        if token.split(".")[0] in params and "/" not in token and backbone_generic(token) not in known:
             problems.append(f"parameter {token}")
         elif "/" in token and "<class>" not in token and re.fullmatch(r"[\w./<>-]+", token):
             path = token.rstrip("/")
-            declared = any(path == out or path.startswith(f"{out}/") for out in outputs)
-            if not ((PROJECT_ROOT / path).exists() or declared):
+            if not ((PROJECT_ROOT / path).exists() or is_declared(path, outputs)):
                 problems.append(f"path {token}")
     assert not problems, f"{page.name} names what does not exist: {problems}"
 
@@ -77,3 +97,211 @@ def test_measured_tables_are_filled_in_and_pages_speak_of_the_project_only(page:
     for name, block in MARKERS.findall(text):
         assert "Measured on" in block and "|---" in block, f"{page.name}: run the benchmark that fills `{name}`"
     assert "../shared" not in text and not re.search(r"\b(this stop|session|issue \d+)\b", text, re.I)
+
+
+# --- docs that cannot drift: every name a page gives is checked against what defines it ---
+
+SPAN = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+SNAKE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
+TEST_NAME = re.compile(r"(?:(test_\w+)\.py)?(?:::)?(test_\w+)?")
+COMMAND = re.compile(r"(tl-predict|tl-check-metrics|python -m (?:stages|benchmarks|tests)\.\w+)([^|;&#`\n]*)")
+SETTING = re.compile(r"-S\s+[\"']?([\w.]+)=")  # not `-S +key=...`, which adds a key
+# A measured number: a time, a size, a throughput or a speed-up. They belong in a benchmark's block.
+MEASURED = re.compile(r"\b\d+(?:[.,]\d+)?\s?(?:x|ms|s|min|minutes|h|hours|KB|MB|GB|images/s)\b")
+# Names of other libraries' APIs that the pages mention.
+EXTERNAL = {"serving_default", "map_batches", "predict_batch_udf"}
+# A file name, not a dotted parameter (`model.keras` is no key of `model`).
+FILE_SUFFIX = re.compile(r"\.(keras|tflite|onnx|json|md|py|csv|png|zip|h5|yaml|lock|txt)$")
+# Paths inside a dataset or a weights folder, not in the project.
+DATASET_PARTS = {"train", "validation", "__MACOSX", "<class>", "photos", "new_photos"}
+ENTRY_POINTS = {"tl-predict": "stages.predict", "tl-check-metrics": "stages.check_metrics"}
+
+
+def page_id(page: Path) -> str:
+    return page.relative_to(PROJECT_ROOT).as_posix()
+
+
+def prose(text: str) -> str:
+    """A page without its fenced code blocks."""
+    return FENCE.sub("", text)
+
+
+def outside_markers(text: str) -> str:
+    return MARKERS.sub("", text)
+
+
+def code_identifiers() -> set[str]:
+    """Every name and string constant in the project's Python: a key a page names must be spelled somewhere."""
+    names: set[str] = set()
+    for folder in ("stages", "tlpipe", "tests", "benchmarks"):
+        for file in (PROJECT_ROOT / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Name):
+                    names.add(node.id)
+                elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    names.add(node.name)
+                elif isinstance(node, ast.Attribute):
+                    names.add(node.attr)
+                elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    names |= set(SNAKE.findall(node.value))
+    return names
+
+
+def yaml_names(value: object) -> set[str]:
+    """Every key and string value of a parsed YAML or JSON document."""
+    if isinstance(value, dict):
+        return {str(k) for k in value} | {n for v in value.values() for n in yaml_names(v)}
+    if isinstance(value, list):
+        return {n for v in value for n in yaml_names(v)}
+    return {value} if isinstance(value, str) else set()
+
+
+def known_names() -> set[str]:
+    names = code_identifiers() | yaml_names(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()))
+    names |= yaml_names(yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text()))
+    for file in (PROJECT_ROOT / "tests" / "gate" / "metrics").rglob("*.json"):
+        names |= yaml_names(json.loads(file.read_text()))
+    return names
+
+
+def argument_parser_of(module: str) -> argparse.ArgumentParser:
+    return importlib.import_module(module).argument_parser()
+
+
+def flags_of(parser: argparse.ArgumentParser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def command_problems(text: str) -> list[str]:
+    """Each project command a page runs exists, and every --flag given to it is one its parser has."""
+    problems = []
+    for command, rest in COMMAND.findall(text):
+        module = ENTRY_POINTS.get(command, command.removeprefix("python -m "))
+        if importlib.util.find_spec(module) is None:
+            problems.append(f"command {command}")
+            continue
+        flags = {token.split("=")[0] for token in rest.split() if token.startswith("--")}
+        if unknown := flags - flags_of(argument_parser_of(module)):
+            problems.append(f"{command} has no {sorted(unknown)}")
+    return problems
+
+
+def unknown_tests(tokens: list[str]) -> list[str]:
+    """`test_file.py::test_name` and bare `test_name` refer to tests that exist."""
+    problems, defined = [], {}
+    for file in (PROJECT_ROOT / "tests").glob("test_*.py"):
+        defined[file.stem] = set(re.findall(r"^def (test_\w+)", file.read_text(encoding="utf-8"), re.M))
+    every = set().union(*defined.values())
+    for token in tokens:
+        match = TEST_NAME.fullmatch(token)
+        if not match or not any(match.groups()):
+            continue
+        module, name = match.groups()
+        if module and module not in defined:
+            problems.append(f"test file {module}.py")
+        elif name and name not in (defined[module] if module else every):
+            problems.append(f"test {token}")
+    return problems
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=page_id)
+def test_every_name_a_page_gives_exists(page: Path) -> None:
+    """Backticked keys and identifiers exist in params.yaml, dvc.yaml, the gate's metrics files or the code;
+    tests named exist; project commands exist with the flags given; `-S` sets parameters params.yaml has."""
+    text = page.read_text(encoding="utf-8")
+    known = known_names()
+    params = parameter_names(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()))
+    spans = SPAN.findall(prose(text))
+    problems = [
+        f"name {s}" for s in spans if SNAKE.fullmatch(s) and s not in known | EXTERNAL and not s.startswith("test_")
+    ]
+    problems += unknown_tests([s for s in spans if "test_" in s])
+    problems += command_problems(text)
+    problems += [f"-S {key}" for key in SETTING.findall(text) if backbone_generic(key) not in params]
+    assert not problems, f"{page_id(page)} names what does not exist: {problems}"
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=page_id)
+def test_measured_numbers_sit_between_markers(page: Path) -> None:
+    """A time, size, throughput or speed-up outside a benchmark's block was typed by hand and will drift."""
+    text = outside_markers(prose(page.read_text(encoding="utf-8")))
+    found = [m.group(0) for m in MEASURED.finditer(text)]
+    assert not found, f"{page_id(page)}: measured numbers outside a benchmark's markers: {found}"
+
+
+def upstream_stages() -> dict[str, set[str]]:
+    """Each stage of dvc.yaml (`name@<b>` for a foreach stage) and the stages whose outputs it reads."""
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    named = {f"{n}@<b>" if "foreach" in s else n: s.get("do", s) for n, s in stages.items()}
+
+    def paths(stage: dict, kinds: tuple[str, ...]) -> list[str]:
+        entries = [e if isinstance(e, str) else next(iter(e)) for k in kinds for e in stage.get(k, [])]
+        return [re.sub(r"\$\{[\w.]+\}", "<b>", e).rstrip("/") for e in entries]
+
+    writers = {out: name for name, s in named.items() for out in paths(s, ("outs", "metrics", "plots"))}
+    return {
+        name: {
+            writer
+            for dep in paths(stage, ("deps",))
+            for out, writer in writers.items()
+            if writer != name and (dep == out or dep.startswith(f"{out}/") or out.startswith(f"{dep}/"))
+        }
+        for name, stage in named.items()
+    }
+
+
+def table_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first table under a heading."""
+    lines = text.split(f"\n{heading}\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in lines[start + 2 : end]]
+
+
+def test_the_stage_table_is_dvc_yaml() -> None:
+    """docs/pipeline.md lists every stage, the stages it runs after, and only outputs dvc.yaml declares."""
+    rows = table_rows((DOCS / "pipeline.md").read_text(encoding="utf-8"), "## Stages")
+    table = {
+        row[0].strip("`"): (set(re.findall(r"`([^`]+)`", row[1])), re.findall(r"`([^`]+)`", row[3])) for row in rows
+    }
+    upstream, outputs = upstream_stages(), declared_outputs()
+    assert set(table) == set(upstream), "docs/pipeline.md's stages are not dvc.yaml's"
+    wrong = {name: sorted(upstream[name]) for name, (after, _) in table.items() if after != upstream[name]}
+    assert not wrong, f"docs/pipeline.md: each stage runs after {wrong}"
+    undeclared = [
+        path for _, written in table.values() for path in written if "/" in path and not is_declared(path, outputs)
+    ]
+    assert not undeclared, f"docs/pipeline.md: no stage writes {undeclared}"
+
+
+def test_the_parameter_table_has_every_parameter_with_its_default() -> None:
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    rows = table_rows((DOCS / "pipeline.md").read_text(encoding="utf-8"), "## Parameters")
+    table = {row[0].strip("`"): row[1] for row in rows}
+    leaves = leaf_names(params)
+    missing = [n for n in sorted(leaves) if not any(n == row or n.startswith(f"{row}.") for row in table)]
+    assert not missing, f"docs/pipeline.md's parameter table lacks {missing}"
+    wrong = []
+    for name, default in table.items():
+        if "<b>" in name or not re.fullmatch(r"`[^`]*`", default):
+            continue
+        if yaml.safe_load(default.strip("`")) != lookup(params, name):
+            wrong.append(f"{name}: {default} but params.yaml has {lookup(params, name)!r}")
+    assert not wrong, f"docs/pipeline.md's defaults: {wrong}"
+
+
+def leaf_names(params: dict, prefix: str = "") -> set[str]:
+    """The dotted names of every value that is not a section, `<b>` standing for a backbone's key."""
+    names = set()
+    for key, value in params.items():
+        name = f"{prefix}{'<b>' if prefix == 'backbones.' else key}"
+        names |= leaf_names(value, f"{name}.") if isinstance(value, dict) and key != "regression" else {name}
+    return names
+
+
+def lookup(params: dict, name: str) -> object:
+    value: object = params
+    for part in name.split("."):
+        value = value[part]
+    return value
