@@ -205,7 +205,7 @@ def test_the_efficientnet_package_exports_to_saved_model_and_tflite(arch: str, t
     """The shipped model as finetune builds it (random weights, small images: the graph is the same), for the
     default backbone whose layers come from a third-party package (`efficientnet`); the gate pipeline exports
     InceptionV3 and ResNet50 to SavedModel, and `python -m benchmarks.export` every default backbone to every
-    format (benchmarks/README.md)."""
+    format (docs/performance.md)."""
     from tlpipe.backbones import build_base
     from tlpipe.finetuning import ship_model
     from tlpipe.models import build_head

@@ -5,7 +5,7 @@ expected, without them. MobileNetV2 runs the whole study (2,000 training and 1,0
 about twenty times as much per image, more than a CI run can spend on a CPU without AVX-512, so it runs on a
 fixed subset of the same zip (SUBSET images per class and split): enough to show that the shared weights load and carry ImageNet features
 (random weights score near 0.6 here). Its full-data accuracy (0.979) is measured by
-`python -m benchmarks.benchmark` and reported in README.md.
+`python -m benchmarks.benchmark` and reported in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def _decoded_batches(items: tf.data.Dataset, decode: Any, batch_size: int, autot
     if autotune:
         return batches.prefetch(tf.data.AUTOTUNE)
     # On CPU the model needs every core, and the autotuner only costs: its model thread competes with the
-    # model for the cores and held up the iterator's deletion (benchmarks/README.md has the measurements).
+    # model for the cores and held up the iterator's deletion (docs/performance.md has the measurements).
     options = tf.data.Options()
     options.autotune.enabled = False
     return batches.with_options(options)

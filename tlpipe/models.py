@@ -186,7 +186,7 @@ def load_model(path: Path | str) -> keras.Model:
 
 
 # Turning the weights into constants costs a fixed graph conversion per process, more for deeper graphs;
-# only this many images or more pay it back (benchmarks/README.md measures both sides).
+# only this many images or more pay it back (docs/performance.md measures both sides).
 FREEZE_FROM_IMAGES = 1000
 
 
@@ -204,7 +204,7 @@ def inference_function(
     dimensions keeps a short last batch or a new image size from tracing the graph again. With the variables
     turned into constants, TensorFlow's graph optimiser folds what depends only on the weights and fuses
     convolution, batch norm and activation into single oneDNN kernels: the same outputs, faster (most for
-    backbones with many small layers; benchmarks/README.md measures it). The function therefore never sees
+    backbones with many small layers; docs/performance.md measures it). The function therefore never sees
     later changes to the weights, and random layers would repeat one draw: inference only.
     """
     import tensorflow as tf

@@ -524,7 +524,7 @@ def write_manifest(
 ) -> None:
     """path,label,split,sha256 of each image. The digests make the manifest stand for the images' contents:
     later stages declare it as their dependency instead of the folder of images, which DVC would otherwise
-    walk once per stage on every `dvc repro` (README "Scaling")."""
+    walk once per stage on every `dvc repro` (docs/performance.md, "Scaling")."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "split", "sha256"])

@@ -3,7 +3,7 @@
 Each worker is a Ray actor that builds the frozen base once and runs the local engine's code over the
 chunks of images the driver (the features stage) hands it. The driver reads the files and ships their
 bytes, and ships a weights file's bytes, so the workers need neither the project's files nor a shared disk;
-they need the same Python packages (README "Distributed extraction"). The driver writes the cache, in the
+they need the same Python packages (docs/ray.md). The driver writes the cache, in the
 format the local engine writes, and only once every chunk is back: a failed run leaves no half of one.
 
 A worker that dies (killed, out of memory, its node lost) is restarted by Ray, which reruns its unfinished
