@@ -1,5 +1,6 @@
 """Stage audit: duplicates, train/test leakage, likely label errors and outliers, from one backbone's cached
-features (params.yaml `audit.backbone`) and its out-of-fold probabilities (reports/crossval/<backbone>/).
+features (params.yaml `audit.backbone`; null: `model`'s) and its out-of-fold probabilities
+(reports/crossval/<backbone>/).
 
 Writes:
   metrics/audit.json              the counts (a DVC metric: `dvc metrics diff` shows what changed)
@@ -27,7 +28,7 @@ from tlpipe.datasets import SPLITS, read_classes, read_manifest
 from tlpipe.errors import PipelineError, stage_main
 from tlpipe.feature_cache import load_features
 from tlpipe.files import atomic_path, write_json
-from tlpipe.params import load_params
+from tlpipe.params import audit_backbone, load_params
 from tlpipe.paths import AUDIT_DIR, AUDIT_METRICS, DROPPED_TEST, out_of_fold
 from tlpipe.pictures import image_grid
 
@@ -143,7 +144,7 @@ def audit_labels(key: str, images: audit.Images, classes: list[str], notes: list
 def main() -> None:
     params = load_params()
     settings = params["audit"]
-    key = settings["backbone"]
+    key = audit_backbone(params)
     started = time.perf_counter()
     classes = read_classes()
     images = audit.Images.from_manifest(read_manifest())

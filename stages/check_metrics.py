@@ -17,11 +17,15 @@ from tlpipe.gate import FAILING, BaselineError, judge_all, markdown, metrics_dif
 from tlpipe.params import load_params
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-check-metrics", description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD", help="git revision to compare with (default: HEAD)")
     parser.add_argument("--output", type=Path, help="also write the Markdown table to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
     try:
         rules = load_params()["regression"]
         rows = judge_all(metrics_diff(args.baseline), rules)

@@ -49,7 +49,8 @@ from tlpipe.prediction import (
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tl-predict",
-        description=__doc__.splitlines()[0],
+        # The whole first paragraph: its first line alone would end inside the usage's backticks.
+        description=" ".join(__doc__.split("\n\n")[0].split()),
         epilog="Exit code: 0 all classified, 1 some failed, 2 the model or its labels.json cannot be loaded.",
     )
     parser.add_argument("paths", nargs="+", type=Path, help="image files or folders")

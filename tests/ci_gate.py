@@ -45,10 +45,14 @@ def check_against_baseline(project: Path) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "stages.check_metrics", "--baseline", "HEAD"], project, check=False)
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.ci_gate", description=__doc__.splitlines()[0])
     parser.add_argument("--update", action="store_true", help="write the new metrics to tests/gate/metrics/")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ci-gate-") as tmp:
         project = gate_project(Path(tmp), with_baseline=not args.update)
         run([sys.executable, "-m", "dvc", "repro", "--quiet"], project)

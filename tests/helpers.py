@@ -29,7 +29,7 @@ def require_shared(*paths: Path) -> None:
     if missing:
         pytest.skip(
             f"real data not found: {', '.join(missing)}; it is expected in {SHARED_DIR} (../shared beside the "
-            "project, or set SHARED_DIR) as described in README.md"
+            "project, or set SHARED_DIR) as described in CONTRIBUTING.md"
         )
 
 
@@ -77,12 +77,6 @@ def make_project(root: Path, overrides: dict[str, Any]) -> Path:
             params[section] = params[section] | value
         else:
             params[section] = value
-    # A project that replaces the backbones audits one of its own (a user must set audit.backbone likewise):
-    # the shipped one.
-    if "audit" in params and params["audit"]["backbone"] not in params["backbones"]:
-        params["audit"]["backbone"] = (
-            params["model"] if params["model"] in params["backbones"] else next(iter(params["backbones"]))
-        )
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)

@@ -18,7 +18,7 @@ from tlpipe import audit
 from tlpipe.datasets import scored_test_rows
 from tlpipe.errors import PipelineError
 from tlpipe.files import sha256_file
-from tlpipe.params import validate
+from tlpipe.params import audit_backbone, validate
 from tlpipe.paths import out_of_fold
 
 DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
@@ -176,6 +176,21 @@ def test_the_audit_parameters_are_checked_before_any_work() -> None:
     assert validate(params) == ["audit.near_duplicate_threshold: must be in (0.0, 1.0], got 1.5"]
 
 
+def test_audit_backbone_null_follows_model_and_a_set_one_must_be_a_backbone() -> None:
+    params = json.loads(json.dumps(DEFAULTS))
+    assert params["audit"]["backbone"] is None and validate(params) == []
+    assert audit_backbone(params) == params["model"]
+    params["backbones"] = {"small": params["backbones"]["mobilenet"]}
+    params["model"] = "small"
+    assert validate(params) == [] and audit_backbone(params) == "small"  # no second edit
+    params["audit"]["backbone"] = "mobilenet"  # an older params.yaml's value, its backbone gone
+    assert validate(params) == [
+        "audit.backbone: 'mobilenet' is not a backbone; use one whose features are cached: small"
+    ]
+    params["backbones"]["mobilenet"] = params["backbones"]["small"]
+    assert validate(params) == [] and audit_backbone(params) == "mobilenet"  # set: it wins over model
+
+
 def test_scored_test_rows_leave_out_what_the_audit_dropped(tmp_path: Path) -> None:
     manifest = pd.DataFrame(
         {"path": ["a", "b", "c", "d"], "label": ["x"] * 4, "split": ["train", "test", "test", "test"]}
@@ -268,6 +283,22 @@ def test_the_audit_stage_reports_planted_leaks_label_errors_and_outliers(tmp_pat
     for picture in ("duplicates.png", "label_issues.png", "outliers.png"):
         assert (project / "reports" / "audit" / picture).stat().st_size > 1000
     assert "random weights" in err and "2 test images with a copy in train/val" in err
+
+
+def test_audit_backbone_null_reads_the_features_of_model(tmp_path: Path) -> None:
+    """Two backbones' features and out-of-fold probabilities are cached; the audit reads model's."""
+    project = prepared_project(tmp_path, backbone=None)
+    shutil.copytree(project / "data/features/k", project / "data/features/j")
+    shutil.copytree(project / "reports/crossval/k", project / "reports/crossval/j")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["backbones"]["j"] = params["backbones"]["k"]
+    for model in ("k", "j"):
+        (project / "params.yaml").write_text(yaml.safe_dump(params | {"model": model}))
+        code, err = stages_in_process(project, ("audit",), check=False)
+        assert code == 0 and f"audit ({model} features, 44 images" in err, err
+    (project / "data/features/j/features.npz").unlink()  # model's features, not the other's, are read
+    code, err = stages_in_process(project, ("audit",), check=False)
+    assert code == 1 and "data/features/j" in err, err
 
 
 def test_leakage_drop_leaves_the_leaked_test_images_out_of_every_evaluation(tmp_path: Path) -> None:

@@ -71,7 +71,8 @@ def test_every_number_on_the_card_is_the_one_in_its_source_file() -> None:
     assert "sha256 `" + "ab" * 32 + "`" in card and "https://example.com/pets.zip" in card
     assert "| cats | 8 | 2 | 5 |" in card and "| dogs | 9 | 2 | 6 |" in card
     assert f"On {card_inputs.metrics['n_test']} test images" in card and "models/model.keras` | Keras 3" in card
-    assert "`EfficientNetB0` at 224 px" in card and "top 30 layers unfrozen" in card
+    shipped = card_inputs.params["backbones"][card_inputs.params["model"]]
+    assert f"`{shipped['arch']}` at {shipped['image_size']} px" in card and "top 30 layers unfrozen" in card
 
 
 def test_a_wrong_number_would_be_caught() -> None:
@@ -92,7 +93,7 @@ def test_limitations_follow_the_audit_and_the_weights() -> None:
     dropped = render(inputs(audit=audit | {"leaked_test_images": 3, "dropped_test_images": 3}))
     assert "may be inflated" not in dropped
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    params["backbones"]["effnet"]["weights"] = None
+    params["backbones"][params["model"]]["weights"] = None
     assert "randomly initialised (weights: null)" in render(inputs(params=params))
     assert "randomly initialised" not in render(inputs())
 
@@ -103,7 +104,8 @@ def test_a_frozen_shipment_its_reason_and_the_classes_left_out_are_on_the_card()
     report = inputs().report | {"left_out": [{"class": "foxes", "usable_images": 2, "reason": "too few"}]}
     card_inputs = inputs(metrics=metrics | {"shipped": "frozen", "shipped_reason": reason}, report=report)
     card = render(card_inputs)
-    assert card.startswith("# Model card: `image-classifier` (EfficientNetB0 frozen, with its head,")
+    arch = card_inputs.params["backbones"][card_inputs.params["model"]]["arch"]
+    assert card.startswith(f"# Model card: `image-classifier` ({arch} frozen, with its head,")
     assert f"- Shipped (`shipped`: frozen): {reason}." in card
     assert "1 classes left out as too small (`foxes`): the model does not know them" in card
     logistic = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())

@@ -38,7 +38,9 @@ def test_changing_one_backbone_reruns_only_its_stages(project: Path) -> None:
     finally:
         params_file.write_text(original)
     resnet50_stages = {"features@resnet50", "train@resnet50", "evaluate@resnet50", "crossval@resnet50"}
-    assert stages_run(result.stdout) - {"fetch"} == {"validate", *resnet50_stages, "aggregate"}
+    # The audit reads the folders of every backbone's features (dvc.yaml says why): it reruns on the shipped
+    # backbone's unchanged features, writes the same files, and so reruns no evaluation after it.
+    assert stages_run(result.stdout) - {"fetch"} == {"validate", *resnet50_stages, "audit", "aggregate"}
     assert without_timing(metric_files(project)) != before
     restored = dvc(project, "repro")  # back to the committed parameters
     assert {"train@resnet50", "evaluate@resnet50", "crossval@resnet50"} <= stages_run(restored.stdout)
@@ -61,7 +63,10 @@ def test_exp_run_with_another_model_reruns_only_the_shipping_stages(project: Pat
     run(["git", "commit", "-qm", "baseline results", "--allow-empty"], project)
     result = dvc(project, "exp", "run", "-S", "model=resnet50")
     shipping = {"finetune", "ship", "evaluate_model", "export", "model_card", "aggregate"}
-    assert stages_run(result.stdout) - {"fetch"} == {"validate", *shipping}
+    # audit.backbone is null: the audit follows model to resnet50's features; its list of dropped test images
+    # stays empty (audit.leakage: report), so no evaluation of a frozen backbone reruns.
+    assert stages_run(result.stdout) - {"fetch"} == {"validate", "audit", *shipping}
+    assert "audit (resnet50 features" in result.stderr
     assert json.loads((project / "metrics/model.json").read_text())["backbone"] == "resnet50"
     exports = json.loads((project / "metrics/export.json").read_text())
     assert exports["backbone"] == "resnet50" and exports["failed"] == {} and exports["saved_model"]["agreement"] == 1.0

@@ -216,7 +216,7 @@ SCHEMA: dict[str, Any] = {
     },
     "crossval": {"folds": _int(2, 100), "repeats": _int(1, 100)},
     "audit": {
-        "backbone": None,  # checked against the backbone keys
+        "backbone": None,  # null (model's), or checked against the backbone keys
         "near_duplicate_threshold": _float(0.0, 1.0, include_low=False),
         "leakage": _choice("report", "drop", "fail"),
     },
@@ -325,7 +325,7 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
     if isinstance(backbones, dict) and "model" in params and params["model"] not in backbones:
         problems.append(f"model: {params['model']!r} is not a backbone; valid: {', '.join(map(str, backbones))}")
     audit = params.get("audit")
-    if isinstance(backbones, dict) and isinstance(audit, dict) and "backbone" in audit:
+    if isinstance(backbones, dict) and isinstance(audit, dict) and audit.get("backbone") is not None:
         if audit["backbone"] not in backbones:
             problems.append(
                 f"audit.backbone: {audit['backbone']!r} is not a backbone; use one whose features are cached: "
@@ -425,6 +425,13 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     if trace := os.environ.get(TRACE_VARIABLE):
         return recording_reads(params, trace)
     return params
+
+
+def audit_backbone(params: dict[str, Any]) -> str:
+    """The backbone whose features the audit reads: `audit.backbone` where set, else `model`'s (so that a
+    params.yaml with other backbones needs no second edit)."""
+    chosen = params["audit"]["backbone"]
+    return params["model"] if chosen is None else chosen
 
 
 def extraction_precision(params: dict[str, Any], key: str) -> str:

@@ -1,6 +1,6 @@
 """Every path the pipeline reads or writes, relative to the project root: the one place each is spelled.
 
-dvc.yaml declares the same paths; tests/test_dependencies.py checks that the two agree.
+dvc.yaml declares the same paths; tests/test_paths.py checks that the two agree.
 """
 
 from __future__ import annotations
