@@ -101,7 +101,7 @@ def test_every_stage_lists_exactly_the_project_modules_it_imports() -> None:
 
 # --- the writer: text-based, so that comments, anchors and the order of the other deps stay byte for byte ---
 
-CODE_DEP_LINE = re.compile(r"^\s*- ((?:stages|tlpipe)/\S+\.py)\s*$")
+CODE_DEP_LINE = re.compile(r"^\s*- ((?:stages|tlpipe)/\S+\.py)\s*(#.*)?$")
 KEY_LINE = re.compile(r"^(\s*)([\w@-]+):\s*(#.*)?$")
 
 
@@ -146,7 +146,8 @@ def rewritten_deps(lines: list[str], start: int, end: int, needed: list[str], st
     at = code[0] if code else deps + 1
     item_indent = " " * (indent_of(lines[items[0]]) if items else indent_of(lines[deps]) + 2)
     newline = "\r\n" if lines[deps].endswith("\r\n") else "\n"
-    block = [f"{item_indent}- {path}{newline}" for path in needed]
+    kept_lines = {CODE_DEP_LINE.match(lines[i]).group(1): lines[i] for i in code}  # with their comments
+    block = [kept_lines.get(path, f"{item_indent}- {path}{newline}") for path in needed]
     kept = [(i, line) for i, line in enumerate(lines[start:end], start) if i not in code]
     before = [line for i, line in kept if i < at]
     return before + block + [line for i, line in kept if i >= at]
@@ -165,11 +166,12 @@ def with_code_deps(text: str) -> str:
 
 
 def write_code_deps(path: Path) -> bool:
-    """Rewrite the code dependencies of the dvc.yaml at `path`; True when it changed."""
-    text = path.read_text(encoding="utf-8")
+    """Rewrite the code dependencies of the dvc.yaml at `path`; True when it changed. Bytes, not text, so
+    that line endings stay as they are."""
+    text = path.read_bytes().decode("utf-8")
     new = with_code_deps(text)
     if new != text:
-        path.write_text(new, encoding="utf-8")
+        path.write_bytes(new.encode("utf-8"))
     return new != text
 
 
@@ -190,6 +192,9 @@ def test_the_writer_adds_code_dependencies_to_a_stage_that_lists_none() -> None:
     new = with_code_deps(text)
     listed = yaml.safe_load(new)["stages"]["ship"]["deps"]
     assert listed == [*sorted(transitive_files("stages.ship")), "models/a.keras"] and with_code_deps(new) == new
+    # A comment on a code dependency that is still needed stays; Windows line endings stay.
+    commented = new.replace("- stages/ship.py\n", "- stages/ship.py  # the recipe\n").replace("\n", "\r\n")
+    assert with_code_deps(commented) == commented
 
 
 def test_no_stage_module_imports_another() -> None:
