@@ -1,15 +1,32 @@
 """Benchmarks: run by hand (`python -m benchmarks.benchmark`), not part of the test suite.
 
-Each writes its measurements to a committed JSON file and its tables into a page of the docs, between the
-markers `<!-- <name>:start -->` and `<!-- <name>:end -->`, with the machine and the date (`insert_tables`).
+Each writes its measurements, with the machine and the date, to a committed JSON file (`benchmarks/<name>.json`)
+and renders its tables from that file into pages of the docs, between the markers `<!-- <name>:start -->` and
+`<!-- <name>:end -->`. `--table-only` re-renders from the committed file without measuring;
+`python -m benchmarks.tables` re-renders every block of every page.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+from datetime import date
 from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = PROJECT_ROOT / "benchmarks"
+
+# ImageNet weights the shared folder holds, by architecture.
+SHARED_WEIGHTS = {
+    "VGG16": "vgg16_imagenet_notop.weights.h5",
+    "MobileNetV2": "mobilenet_v2_1.0_224_imagenet_notop.weights.h5",
+}
+
+# A block's place: (page relative to the project root, marker name).
+Block = tuple[str, str]
 
 
 def machine() -> str:
@@ -36,11 +53,63 @@ def machine() -> str:
     return ", ".join(part for part in (model, f"{os.cpu_count()} cores", vector) if part)
 
 
+def backbones_with_offline_weights(shared: Path) -> dict[str, dict[str, Any]]:
+    """The default backbones of params.yaml; real weights where `shared` has them, random otherwise (the same
+    compute)."""
+    import yaml
+
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    out = {}
+    for key, spec in params["backbones"].items():
+        weights = SHARED_WEIGHTS.get(spec["arch"])
+        out[key] = spec | {"weights": str(shared / "weights" / weights) if weights else None}
+    return out
+
+
+def stamp() -> dict[str, str]:
+    """The `machine` and `date` every results file starts with."""
+    return {"machine": machine(), "date": date.today().isoformat()}
+
+
+def measured(report: dict[str, Any], name: str) -> str:
+    """The opening of every block: where, when and by what its numbers were measured."""
+    return f"Measured on {report['machine']}, {report['date']}, by `python -m benchmarks.{name}`"
+
+
+def results_path(name: str) -> Path:
+    return RESULTS / f"{name}.json"
+
+
+def load_results(name: str) -> dict[str, Any]:
+    return json.loads(results_path(name).read_text(encoding="utf-8"))
+
+
+def save_results(name: str, report: dict[str, Any]) -> None:
+    results_path(name).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
 def insert_tables(page: Path, name: str, block: str) -> None:
     """Replace what lies between the page's `name` markers with `block`."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = page.read_text(encoding="utf-8")
     if start not in text or end not in text:
         raise SystemExit(f"{page} lacks the markers {start} ... {end}")
-    pattern = f"{re.escape(start)}.*{re.escape(end)}"
+    pattern = f"{re.escape(start)}.*?{re.escape(end)}"
     page.write_text(re.sub(pattern, lambda _: f"{start}\n{block}\n{end}", text, flags=re.S), encoding="utf-8")
+
+
+def write_blocks(blocks: dict[Block, str]) -> None:
+    """Write every block into its page. Callers render them all first, so that a rendering error leaves no
+    page half updated."""
+    for (page, name), block in blocks.items():
+        insert_tables(PROJECT_ROOT / page, name, block)
+
+
+def markdown(rows: list[dict[str, Any]], columns: dict[str, str], left: int = 1) -> str:
+    """A Markdown table of `rows`: `columns` maps each key to its header, the first `left` columns aligned left
+    and the rest (numbers) right; a missing value is shown as –."""
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * left + "---:|" * (len(columns) - left)]
+    for row in rows:
+        cells = ("–" if row.get(key) in (None, "") else str(row[key]) for key in columns)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Speed of the pipeline against the classic recipe and against the machine's limits.
 
-    python -m benchmarks.benchmark [--backbone mobilenet] [--shared ../shared]
+    python -m benchmarks.benchmark [--backbone mobilenet] [--shared DIR]
 
 On the shared cats_and_dogs_filtered zip, in one run, it measures:
 1. wall time and test accuracy of our pipeline for one backbone (its features, train and evaluate stages)
@@ -14,8 +14,9 @@ On the shared cats_and_dogs_filtered zip, in one run, it measures:
 3. wall time and peak memory (RSS) of every stage of the full pipeline, run stage by stage with DVC;
 4. the time of a no-op `dvc repro`;
 5. accuracy and extraction time of the other `features.precision` for the backbones with real weights.
-Writes reports/benchmark.json, the run's comparison table to reports/benchmark_comparison.md, and the
-speed tables between the benchmark markers in benchmarks/README.md.
+Writes benchmarks/benchmark.json and the run's comparison table to benchmarks/benchmark_comparison.md, and
+renders its tables into docs/performance.md (the `benchmark` and `levers` markers) and the classic-recipe
+comparison into README.md (the `classic` markers).
 """
 
 from __future__ import annotations
@@ -33,33 +34,26 @@ from typing import Any
 
 import numpy as np
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_ROOT))
+from benchmarks import (
+    PROJECT_ROOT,
+    RESULTS,
+    Block,
+    backbones_with_offline_weights,
+    load_results,
+    measured,
+    save_results,
+    stamp,
+    write_blocks,
+)
+from tests.helpers import SHARED_DIR, make_project
+from tlpipe.backbones import PRECISIONS, build_extractor
+from tlpipe.datasets import image_dataset
+from tlpipe.extraction import extract, traced
+from tlpipe.models import inference_function
 
-from benchmarks import insert_tables  # noqa: E402
-from tests.helpers import make_project  # noqa: E402
-from tlpipe.backbones import PRECISIONS, build_extractor  # noqa: E402
-from tlpipe.datasets import image_dataset  # noqa: E402
-from tlpipe.extraction import extract, traced  # noqa: E402
-from tlpipe.models import inference_function  # noqa: E402
-
-SHARED_WEIGHTS = {
-    "VGG16": "vgg16_imagenet_notop.weights.h5",
-    "MobileNetV2": "mobilenet_v2_1.0_224_imagenet_notop.weights.h5",
-}
-REPORT = PROJECT_ROOT / "reports" / "benchmark.json"
-
-
-def backbones_with_offline_weights(shared: Path) -> dict[str, dict[str, Any]]:
-    """The default five; real weights where ../shared has them, random otherwise (same compute)."""
-    import yaml
-
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    out = {}
-    for key, spec in params["backbones"].items():
-        weights = SHARED_WEIGHTS.get(spec["arch"])
-        out[key] = spec | {"weights": str(shared / "weights" / weights) if weights else None}
-    return out
+NAME = "benchmark"
+PAGE = "docs/performance.md"
+README = "README.md"
 
 
 def run_timed(args: list[str], cwd: Path) -> tuple[float, float, str]:
@@ -245,7 +239,7 @@ def flip_precision(project: Path, keys: list[str], configured: dict[str, str]) -
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def readme_table(report: dict[str, Any]) -> str:
+def table(report: dict[str, Any]) -> str:
     c = report["classic"]
     stages = report["stages"]
     full = sum(v["seconds"] for k, v in stages.items() if k not in ("finetune", "ship", "evaluate_model"))
@@ -268,8 +262,15 @@ def readme_table(report: dict[str, Any]) -> str:
             accuracy.append(f"| {key} | {precision} | {r['accuracy']:.4f} | {r['features_seconds']:.0f} s |")
     return "\n".join(
         [
-            f"Measured by `python -m benchmarks.benchmark` on {report['machine']}; matmul peak "
-            f"{report['matmul_gflops']['float32']:.0f} GFLOP/s in float32, {report['matmul_gflops']['bfloat16']:.0f} in bfloat16.",
+            f"{measured(report, NAME)}"
+            + (
+                f" (extraction, start-up and matmul peaks re-measured on {report['in_process']['machine']}, "
+                f"{report['in_process']['date']}, with `--in-process-only`)"
+                if "in_process" in report
+                else ""
+            )
+            + f": matmul peak {report['matmul_gflops']['float32']:.0f} GFLOP/s in float32, "
+            f"{report['matmul_gflops']['bfloat16']:.0f} in bfloat16.",
             "",
             f"| {c['backbone']}, same data, whole processes | wall time | test accuracy | this pipeline's speed-up |",
             "|---|---:|---:|---:|",
@@ -318,26 +319,84 @@ def in_process_measurements(project: Path, backbones: dict[str, dict[str, Any]],
     return {"startup_seconds": round(startup, 1), "matmul_gflops": flop_peak, "throughput": throughput}
 
 
-def write_report(report: dict[str, Any]) -> None:
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
-    insert_tables(PROJECT_ROOT / "benchmarks" / "README.md", "benchmark", readme_table(report))
-    print(readme_table(report))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.benchmark")
-    parser.add_argument("--backbone", default="mobilenet", help="the backbone of the classic-recipe comparison")
-    parser.add_argument(
-        "--shared", type=Path, default=Path(os.environ.get("SHARED_DIR", PROJECT_ROOT.parent / "shared"))
+def classic_table(report: dict[str, Any]) -> str:
+    """The classic-recipe comparison in short, for the README."""
+    c = report["classic"]
+    return "\n".join(
+        [
+            f"{measured(report, NAME)}: {c['backbone']} on `cats_and_dogs_filtered`, each run timed as whole "
+            "processes, start-up included.",
+            "",
+            "| recipe | wall time | test accuracy | this pipeline's speed-up |",
+            "|---|---:|---:|---:|",
+            f"| classic: augmentation on the fly, the base in every step of 10 epochs | {c['classic_seconds']:.0f} s | "
+            f"{c['classic_accuracy']:.4f} | **{c['speedup']:.1f}x** |",
+            f"| this pipeline: features, train and evaluate stages | {c['ours_seconds']:.0f} s | "
+            f"{c['ours_accuracy']:.4f} | |",
+        ]
     )
+
+
+def levers_table(report: dict[str, Any]) -> str:
+    """What each lever of extraction is worth per backbone, from the same in-process measurements."""
+    lines = [
+        f"{measured(report, NAME)}: in-process images/s of the same run as the tables below; the decoding column is "
+        "decoding and resizing one image, with every core, against one image's forward pass in the configured "
+        "precision.",
+        "",
+        "| backbone | configured precision | constant weights vs the Keras model, in memory | bfloat16 vs float32 "
+        "extraction | decoding one image (ms) | decoding against the forward pass | extraction, % of the ceiling "
+        "with decoding |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, by_precision in report["throughput"].items():
+        precision = report["precision"][key]
+        t = by_precision[precision]
+        lines.append(
+            f"| {key} | {precision} | {t['constant_weights'] / t['keras_model']:.2f}x | "
+            f"{by_precision['bfloat16']['pipeline'] / by_precision['float32']['pipeline']:.2f}x | "
+            f"{1000 / t['decode_only']:.2f} | {t['ceiling'] / t['decode_only']:.0%} | "
+            f"{t['percent_of_ceiling_with_decoding']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def blocks(report: dict[str, Any]) -> dict[Block, str]:
+    return {
+        (PAGE, NAME): table(report),
+        (PAGE, "levers"): levers_table(report),
+        (README, "classic"): classic_table(report),
+    }
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="mobilenet", help="the backbone of the classic-recipe comparison")
+    parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
     parser.add_argument(
         "--in-process-only",
         action="store_true",
-        help="keep the pipeline, classic and precision results of reports/benchmark.json; re-measure "
-        "start-up, matmul peaks and extraction against the ceiling (about 6 minutes)",
+        help=f"keep the pipeline, classic and precision results of {NAME}.json; re-measure start-up, matmul peaks "
+        "and extraction against the ceiling",
     )
-    args = parser.parse_args()
-    REPORT.parent.mkdir(exist_ok=True)
+    parser.add_argument(
+        "--table-only", action="store_true", help=f"re-render the tables from {NAME}.json, measure nothing"
+    )
+    return parser
+
+
+def write_report(report: dict[str, Any]) -> None:
+    save_results(NAME, report)
+    rendered = blocks(report)
+    write_blocks(rendered)
+    print(rendered[(PAGE, NAME)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
+    if args.table_only:
+        write_report(load_results(NAME))
+        return
     shared = args.shared.resolve()
     backbones = backbones_with_offline_weights(shared)
     keys = list(backbones)
@@ -355,11 +414,12 @@ def main() -> None:
         params = load_params(project / "params.yaml")
         batch_size = params["features"]["batch_size"]
         if args.in_process_only:
-            report = json.loads(REPORT.read_text())
+            report = load_results(NAME)
             timed_stages(project, ["fetch", "prepare"])
-            measured = in_process_measurements(project, backbones, batch_size)
-            report["classic"]["startup_seconds"] = measured.pop("startup_seconds")
-            write_report(report | measured)
+            remeasured = in_process_measurements(project, backbones, batch_size)
+            report["classic"]["startup_seconds"] = remeasured.pop("startup_seconds")
+            # The rest of the report keeps its own machine and date; the table names both when they differ.
+            write_report(report | remeasured | {"in_process": stamp()})
             return
         configured = {key: extraction_precision(params, key) for key in keys}
         print("pipeline, stage by stage:", file=sys.stderr)
@@ -370,9 +430,7 @@ def main() -> None:
         noop, _, _ = run_timed([sys.executable, "-m", "dvc", "repro"], project)
         print(f"no-op dvc repro: {noop:.1f} s", file=sys.stderr)
         metrics = {k: json.loads((project / "metrics" / f"{k}.json").read_text()) for k in [*keys, "model"]}
-        (PROJECT_ROOT / "reports" / "benchmark_comparison.md").write_text(
-            (project / "reports" / "comparison.md").read_text()
-        )
+        (RESULTS / "benchmark_comparison.md").write_text((project / "reports" / "comparison.md").read_text())
 
         print("classic recipe, on the pipeline's tf.data settings and on AUTOTUNE:", file=sys.stderr)
         classic_seconds, _, classic_out = run_timed(
@@ -404,12 +462,12 @@ def main() -> None:
                 },
             }
         # Last: a child's peak RSS starts from this process's size at fork, which the in-process part inflates.
-        measured = in_process_measurements(project, backbones, batch_size)
+        in_process = in_process_measurements(project, backbones, batch_size)
     ours = sum(stages[f"{s}@{args.backbone}"]["seconds"] for s in ("features", "train", "evaluate"))
     write_report(
-        {
-            "machine": f"{os.cpu_count()} CPU cores",
-            "matmul_gflops": measured["matmul_gflops"],
+        stamp()
+        | {
+            "matmul_gflops": in_process["matmul_gflops"],
             "model": args.backbone,
             "precision": configured,
             "classic": {
@@ -422,9 +480,9 @@ def main() -> None:
                 "ours_seconds": round(ours, 1),
                 "ours_accuracy": metrics[args.backbone]["accuracy"],
                 "speedup": round(classic_seconds / ours, 2),
-                "startup_seconds": measured["startup_seconds"],
+                "startup_seconds": in_process["startup_seconds"],
             },
-            "throughput": measured["throughput"],
+            "throughput": in_process["throughput"],
             "stage_images_per_second": {k: metrics[k]["images_per_second"] for k in keys},
             "precision_accuracy": precision_accuracy,
             "stages": stages,

@@ -6,6 +6,7 @@ every epoch (the tutorial's RMSprop, 1e-4, dropout 0.2, batch 32), then prints t
 It decodes through the pipeline's own `tlpipe.datasets.image_dataset`, so that the two differ only in how
 often each image goes through the base; `--autotune` uses tf.data's autotuner as the keras.io examples do.
 The benchmark times the whole process, Python and TensorFlow start-up included, as it times the stages.
+It is a step of `python -m benchmarks.benchmark`, which records its results; it writes none itself.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from tlpipe.params import load_params, resolve_weights
 from tlpipe.runtime import seed_everything
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.classic")
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.classic", description=__doc__.splitlines()[0])
     parser.add_argument("backbone", help="a key of params.yaml backbones")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument(
@@ -28,7 +29,11 @@ def main() -> None:
         action="store_true",
         help="decode with tf.data's AUTOTUNE, as the keras.io examples do, instead of the pipeline's settings",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
     params = load_params()
     seed_everything(params["seed"])
     import keras

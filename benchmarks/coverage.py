@@ -25,12 +25,9 @@ Writes benchmarks/coverage.json and its table into docs/statistics.md (between t
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,12 +35,11 @@ from scipy.special import expit, softmax
 from scipy.stats import bootstrap, norm, rankdata
 from sklearn import metrics as skm
 
-from benchmarks import insert_tables, machine
+from benchmarks import Block, load_results, measured, save_results, stamp, write_blocks
 from tlpipe import statistics
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-REPORT = PROJECT_ROOT / "benchmarks" / "coverage.json"
-DOC = PROJECT_ROOT / "docs" / "statistics.md"
+NAME = "coverage"
+PAGE = "docs/statistics.md"
 CONFIDENCE = 0.95
 RESAMPLES = 1000  # the default stats.bootstrap
 TRUTH_IMAGES = 400_000
@@ -272,7 +268,7 @@ def measure(
 def table(report: dict[str, Any]) -> str:
     shown = lambda r: "undefined" if r["coverage"] is None else f"{r['coverage']:.3f} ({r['mean_width']:.4f})"  # noqa: E731
     lines = [
-        f"Measured on {report['machine']}, {report['date']}: {report['sets']} test sets per setting for the pipeline's "
+        f"{measured(report, NAME)}: {report['sets']} test sets per setting for the pipeline's "
         f"intervals, {report['before_sets']} for those before; coverage of the nominal 95% interval, mean width in "
         "brackets; `undefined`: the interval is not given there.",
         "",
@@ -290,12 +286,22 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.coverage", description=__doc__.splitlines()[0])
+def blocks(report: dict[str, Any]) -> dict[Block, str]:
+    return {(PAGE, NAME): table(report)}
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
     parser.add_argument("--sets", type=int, default=1000, help="simulated test sets per setting (default 1000)")
     parser.add_argument("--before-sets", type=int, default=200, help="sets for the intervals before (default 200)")
     parser.add_argument("--settings", default="abcd", help="which settings, e.g. ab (default abcd)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--table-only", action="store_true", help=f"re-render the table from {NAME}.json, measure nothing"
+    )
+    return parser
+
+
+def measure_all(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for name in args.settings:
         setting = settings()[name]
@@ -308,16 +314,19 @@ def main() -> None:
                 row["before"] = measure(setting, "before", args.before_sets, fixed=fixed)
             rows.append(row)
             print(f"{name} {design}: {time.perf_counter() - started:.0f} s", flush=True)
-    report = {
-        "machine": machine(),
-        "date": date.today().isoformat(),
-        "sets": args.sets,
-        "before_sets": args.before_sets,
-        "rows": rows,
-    }
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
-    insert_tables(DOC, "coverage", table(report))
-    print(table(report))
+    return stamp() | {"sets": args.sets, "before_sets": args.before_sets, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
+    if args.table_only:
+        report = load_results(NAME)
+    else:
+        report = measure_all(args)
+        save_results(NAME, report)
+    rendered = blocks(report)
+    write_blocks(rendered)
+    print(rendered[(PAGE, NAME)])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ process) three times, in turn: `features.engine: local`; `ray` on a two-node Ray
 one CPU per node (tests.helpers.local_ray_cluster, started here); and `ray` with `address: null` (the stage
 starts Ray on this machine with two workers). It prints, and writes to benchmarks/engine.json, each run's
 wall time and extraction time (meta.json `seconds`), their ratio to the local engine's, and how far each
-engine's features are from the local engine's (relative to the largest feature).
+engine's features are from the local engine's (relative to the largest feature), and renders its table into
+docs/ray.md and docs/performance.md (the `engine` markers).
 
 On a machine of 2 cores, two workers of one CPU each have no more compute than the local engine has: this
 measures the engine's cost, not a speed-up, which needs more cores or machines.
@@ -14,6 +15,7 @@ measures the engine's cost, not a speed-up, which needs more cores or machines.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -26,13 +28,23 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks.benchmark import PROJECT_ROOT
+from benchmarks import Block, load_results, markdown, measured, save_results, stamp, write_blocks
 from tests.helpers import SHARED_DIR, local_ray_cluster, make_project, run
 
+NAME = "engine"
+PAGES = ("docs/ray.md", "docs/performance.md")
 KEY = "mobilenet"
-WEIGHTS = SHARED_DIR / "weights" / "mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
-ZIP = SHARED_DIR / "data" / "cats_and_dogs_filtered.zip"
-REPORT = PROJECT_ROOT / "benchmarks" / "engine.json"
+WEIGHTS = "weights/mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
+ZIP = "data/cats_and_dogs_filtered.zip"
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
+    parser.add_argument(
+        "--table-only", action="store_true", help=f"re-render the table from {NAME}.json, measure nothing"
+    )
+    return parser
 
 
 def set_engine(project: Path, engine: str, address: str | None = None) -> None:
@@ -65,14 +77,15 @@ def largest_difference(project: Path, name: str) -> float:
     return worst
 
 
-def main() -> None:
-    for path in (WEIGHTS, ZIP):
+def measure(shared: Path) -> list[dict[str, Any]]:
+    weights, archive = shared / WEIGHTS, shared / ZIP
+    for path in (weights, archive):
         if not path.is_file():
             sys.exit(f"{path} not found; see README.md (real data beside the project, or SHARED_DIR)")
     with tempfile.TemporaryDirectory(prefix="engine-") as folder:
-        backbone = {KEY: {"arch": "MobileNetV2", "image_size": 224, "weights": str(WEIGHTS), "precision": "float32"}}
+        backbone = {KEY: {"arch": "MobileNetV2", "image_size": 224, "weights": str(weights), "precision": "float32"}}
         project = make_project(
-            Path(folder) / "project", {"data": {"url": str(ZIP)}, "backbones": backbone, "model": KEY}
+            Path(folder) / "project", {"data": {"url": str(archive)}, "backbones": backbone, "model": KEY}
         )
         for stage in ("validate", "fetch", "prepare"):
             run([sys.executable, "-m", f"stages.{stage}"], project)
@@ -87,13 +100,62 @@ def main() -> None:
             result["wall_vs_local"] = round(result["wall_s"] / local["wall_s"], 2)
             result["extraction_vs_local"] = round(result["extraction_s"] / local["extraction_s"], 2)
             result["largest_difference"] = largest_difference(project, result["engine"])
-    print(f"{'engine':28} {'images':>6} {'wall s':>7} {'x local':>7} {'extract s':>9} {'x local':>7} {'max diff':>9}")
-    for r in runs:
-        print(
-            f"{r['engine']:28} {r['images']:>6} {r['wall_s']:>7} {r['wall_vs_local']:>7} {r['extraction_s']:>9} "
-            f"{r['extraction_vs_local']:>7} {r['largest_difference']:>9.1e}"
-        )
-    REPORT.write_text(json.dumps({"cpus": os.cpu_count(), "runs": runs}, indent=2) + "\n")
+    return runs
+
+
+ENGINES = {
+    "local": "local",
+    "ray cluster of 2 nodes": "ray, a cluster of 2 nodes with 1 CPU each",
+    "ray started by the stage": "ray, started by the stage (2 workers)",
+}
+COLUMNS = {
+    "engine": "engine",
+    "images": "images",
+    "wall_s": "stage wall time (s)",
+    "wall_vs_local": "wall time vs local",
+    "extraction_s": "extraction (s)",
+    "extraction_vs_local": "extraction vs local",
+    "largest_difference": "largest difference from local",
+}
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = [
+        r
+        | {
+            "engine": ENGINES.get(r["engine"], r["engine"]),
+            "images": f"{r['images']:,}",
+            "wall_vs_local": f"{r['wall_vs_local']:.2f}",
+            "extraction_vs_local": f"{r['extraction_vs_local']:.2f}",
+            "largest_difference": f"{r['largest_difference']:.2g}",
+        }
+        for r in report["runs"]
+    ]
+    return "\n".join(
+        [
+            f"{measured(report, NAME)}: the features stage on `cats_and_dogs_filtered` (MobileNetV2 with ImageNet "
+            f"weights, float32), as `dvc repro` runs it, once per engine on {report['cpus']} CPU cores; the largest "
+            "difference is relative to the largest feature.",
+            "",
+            markdown(rows, COLUMNS),
+        ]
+    )
+
+
+def blocks(report: dict[str, Any]) -> dict[Block, str]:
+    return {(page, NAME): table(report) for page in PAGES}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
+    if args.table_only:
+        report = load_results(NAME)
+    else:
+        report = stamp() | {"cpus": os.cpu_count(), "runs": measure(args.shared)}
+        save_results(NAME, report)
+    rendered = blocks(report)
+    write_blocks(rendered)
+    print(rendered[(PAGES[0], NAME)])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Which head on few photos per class: `python -m benchmarks.heads` (needs ../shared, or SHARED_DIR).
+"""Which head on few photos per class: `python -m benchmarks.heads` (needs the shared data, see SHARED_DIR).
 
 Compares the heads of params.yaml `train.head` where users' data is small, on cached features:
 
@@ -34,14 +34,13 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from benchmarks import insert_tables, machine
+from benchmarks import PROJECT_ROOT, Block, load_results, measured, save_results, stamp, write_blocks
 from tests.helpers import SHARED_DIR, make_project, stages_in_process
 from tlpipe.crossvalidation import cross_validate, fold_plan
 from tlpipe.models import fit_probe, train_head
@@ -49,9 +48,8 @@ from tlpipe.scoring import class_probabilities
 from tlpipe.small_data import median_epochs
 from tlpipe.statistics import accuracy_interval
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-REPORT = PROJECT_ROOT / "benchmarks" / "heads.json"
-DOC = PROJECT_ROOT / "docs" / "small-data.md"
+NAME = "heads"
+PAGE = "docs/small-data.md"
 HEADS = ("logistic", "keras", "keras, early stopping on val")
 SIZES = (5, 10, 20)
 VAL_FRACTION = 0.2
@@ -210,7 +208,7 @@ def stage_costs(project: Path, repeats: int) -> dict[str, dict[str, float]]:
 
 def tables(report: dict[str, Any]) -> str:
     lines = [
-        f"Measured on {report['machine']}, {report['date']}, {report['seeds']} seeds per row: test accuracy, mean ± "
+        f"{measured(report, NAME)}, {report['seeds']} seeds per row: test accuracy, mean ± "
         "standard deviation over the seeds, with the mean of each seed's 95% interval; seconds to fit the head.",
         "",
         "| data | photos per class | " + " | ".join(HEADS) + " |",
@@ -245,13 +243,23 @@ def tables(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.heads", description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=SHARED_DIR)
+def blocks(report: dict[str, Any]) -> dict[Block, str]:
+    return {(PAGE, NAME): tables(report)}
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
     parser.add_argument("--project", type=Path, default=Path("/tmp/tl-heads-benchmark"), help="the throwaway project")
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--cost-repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--seeds", type=int, default=5, help="draws per (data, photos per class)")
+    parser.add_argument("--cost-repeats", type=int, default=3, help="alternating runs of each stage's cost")
+    parser.add_argument(
+        "--table-only", action="store_true", help=f"re-render the tables from {NAME}.json, measure nothing"
+    )
+    return parser
+
+
+def measure_all(args: argparse.Namespace) -> dict[str, Any]:
     settings = train_settings()
     rows = []
     for key, features in real_features(args.project, args.shared).items():
@@ -269,17 +277,24 @@ def main() -> None:
     for k in SIZES:
         rows.append({"data": "100 synthetic classes", "k": k, "heads": compare(pool, k, args.seeds, settings)})
         print(json.dumps(rows[-1]), flush=True)
-    report = {
-        "machine": machine(),
-        "date": date.today().isoformat(),
+    return stamp() | {
         "seeds": args.seeds,
         "rows": rows,
         "cost_repeats": args.cost_repeats,
         "stage_costs": stage_costs(args.project, args.cost_repeats),
     }
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
-    insert_tables(DOC, "heads", tables(report))
-    print(tables(report))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
+    if args.table_only:
+        report = load_results(NAME)
+    else:
+        report = measure_all(args)
+        save_results(NAME, report)
+    rendered = blocks(report)
+    write_blocks(rendered)
+    print(rendered[(PAGE, NAME)])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ and dogs alternating). Then, in one run, so that the ratios hold whatever the ma
   peak RSS, beside the seconds a fresh process takes to import TensorFlow alone (which tl-predict needs to
   decode as training does); `--files N` repeats the test images (hard links) up to N files, to show that
   memory stays flat.
+
+Writes benchmarks/predict.json and its tables into docs/export.md and docs/performance.md (the `predict` markers).
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.benchmark import PROJECT_ROOT
-from benchmarks.export import markdown, shipped_model, validation_names
+from benchmarks import PROJECT_ROOT, Block, load_results, markdown, measured, save_results, stamp, write_blocks
+from benchmarks.export import shipped_model, validation_names
+from tests.helpers import SHARED_DIR
 from tlpipe import export, prediction
-from tlpipe.inference import one_image
 
+NAME = "predict"
+PAGES = ("docs/export.md", "docs/performance.md")
 WEIGHTS = "weights/mobilenet_v2_1.0_224_imagenet_notop.weights.h5"
 LABELS = ["cats", "dogs"]
 
@@ -62,6 +66,17 @@ def save_models(folder: Path, shared: Path) -> dict[str, Path]:
     if failed := export.export_formats(model, ["tflite", "onnx"], exports):
         sys.exit(f"export failed: {failed}")
     return {"keras": models / "model.keras", "tflite": exports / "model.tflite", "onnx": exports / "model.onnx"}
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
+    parser.add_argument("--images", type=int, default=1000, help="validation images of the shared zip")
+    parser.add_argument("--files", type=int, nargs="*", default=[], help="also run tl-predict over this many files")
+    parser.add_argument(
+        "--table-only", action="store_true", help=f"re-render the tables from {NAME}.json, measure nothing"
+    )
+    return parser
 
 
 def rate(n: int, work: Callable[[], Any]) -> tuple[float, Any]:
@@ -127,19 +142,14 @@ def linked_copies(files: list[Path], folder: Path, n: int) -> Path:
     return folder
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--shared", type=Path, default=Path(os.environ.get("SHARED_DIR", PROJECT_ROOT.parent / "shared"))
-    )
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--files", type=int, nargs="*", default=[], help="also run tl-predict over this many files")
-    args = parser.parse_args()
+def measure(shared: Path, n_images: int, file_counts: list[int]) -> dict[str, Any]:
+    from tlpipe.inference import one_image
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        files = extract_images(args.shared, folder / "images", args.images)
+        files = extract_images(shared, folder / "images", n_images)
         n = len(files)
-        paths = save_models(folder, args.shared)
+        paths = save_models(folder, shared)
         classifiers = {name: prediction.load_classifier(path) for name, path in paths.items()}
         keras = classifiers["keras"]
         one = one_image(keras.batch_function(n))
@@ -162,7 +172,6 @@ def main() -> None:
                     "vs_today": round(batched / today, 2),
                     "ceiling_images_per_s": round(top, 1),
                     "of_ceiling": round(batched / top, 2),
-                    "of_keras_ceiling": None,
                     "max_difference_vs_one_at_a_time": float(
                         f"{np.abs(probabilities(predictions) - singly).max():.2g}"
                     ),
@@ -170,19 +179,94 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
-        keras_ceiling = rows[0]["ceiling_images_per_s"]
         for row in rows:
-            row["of_keras_ceiling"] = round(row["images_per_s"] / keras_ceiling, 2)
-        print(f"today (.keras, one image at a time): {today:.1f} images/s over {n} images")
-        print(markdown(rows, list(rows[0])))
+            row["of_keras_ceiling"] = round(row["images_per_s"] / rows[0]["ceiling_images_per_s"], 2)
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import tensorflow"], check=True, capture_output=True)
-        print(f"import tensorflow alone, in a fresh process: {time.perf_counter() - started:.1f} s")
-        for name in ("keras", "tflite"):
-            print(paths[name].name, "tl-predict", cli_run(paths[name], folder / "images"), flush=True)
-        for count in args.files:
-            many = linked_copies(files, folder / f"many-{count}", count)
-            print("model.tflite tl-predict", cli_run(paths["tflite"], many), flush=True)
+        import_s = round(time.perf_counter() - started, 1)
+        runs = [{"model": paths[name].name} | cli_run(paths[name], folder / "images") for name in ("keras", "tflite")]
+        for count in file_counts:
+            runs.append(
+                {"model": paths["tflite"].name}
+                | cli_run(paths["tflite"], linked_copies(files, folder / f"many-{count}", count))
+            )
+            print(runs[-1], flush=True)
+    return {
+        "images": n,
+        "today_images_per_s": round(today, 1),
+        "rows": rows,
+        "import_tensorflow_s": import_s,
+        "cli": runs,
+    }
+
+
+ROW_COLUMNS = {
+    "model": "model",
+    "runtime": "runtime",
+    "images_per_s": "images/s",
+    "vs_today": "vs `.keras` one at a time",
+    "ceiling_images_per_s": "ceiling (images/s)",
+    "of_ceiling": "of its ceiling",
+    "of_keras_ceiling": "of TensorFlow's ceiling",
+    "max_difference_vs_one_at_a_time": "largest difference from one at a time",
+    "max_difference_vs_keras": "largest difference from `.keras`",
+}
+CLI_COLUMNS = {
+    "model": "`tl-predict --model`",
+    "files": "files",
+    "first_line_s": "first line (s)",
+    "total_s": "in all (s)",
+    "peak_rss_mb": "peak RSS (MB)",
+}
+
+
+def table(report: dict[str, Any]) -> str:
+    today = {
+        "model": "`model.keras`, one image at a time",
+        "runtime": "TensorFlow",
+        "images_per_s": report["today_images_per_s"],
+        "vs_today": 1.0,
+    }
+    ratios = ("vs_today", "of_ceiling", "of_keras_ceiling")
+    rows = [today | {"vs_today": "1.00"}] + [
+        r | {"model": f"`{r['model']}`, batched"} | {key: f"{r[key]:.2f}" for key in ratios} for r in report["rows"]
+    ]
+    cli = [
+        r | {"model": f"`{r['model']}`", "files": f"{r['files']:,}", "peak_rss_mb": f"{r['peak_rss_mb']:,}"}
+        for r in report["cli"]
+    ]
+    return "\n".join(
+        [
+            f"{measured(report, NAME)}: MobileNetV2 as `finetune` ships it, on the first {report['images']:,} "
+            "validation images of `cats_and_dogs_filtered`; the ceiling is the same runtime on the same images "
+            f"already decoded and resized in memory. The run took {report['seconds'] / 60:.0f} minutes.",
+            "",
+            markdown(rows, ROW_COLUMNS, left=2),
+            "",
+            f"`tl-predict` as a user runs it, in a fresh process (importing TensorFlow alone took "
+            f"{report['import_tensorflow_s']} s in the same run):",
+            "",
+            markdown(cli, CLI_COLUMNS),
+        ]
+    )
+
+
+def blocks(report: dict[str, Any]) -> dict[Block, str]:
+    return {(page, NAME): table(report) for page in PAGES}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
+    if args.table_only:
+        report = load_results(NAME)
+    else:
+        started = time.perf_counter()
+        results = measure(args.shared, args.images, args.files)
+        report = stamp() | {"seconds": round(time.perf_counter() - started, 1)} | results
+        save_results(NAME, report)
+    rendered = blocks(report)
+    write_blocks(rendered)
+    print(rendered[(PAGES[0], NAME)])
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""The default study on real data: `python -m benchmarks.study` (needs ../shared, or SHARED_DIR).
+"""The default study on real data: `python -m benchmarks.study` (needs the shared data, see SHARED_DIR).
 
 Runs `dvc repro` of this project in a throwaway copy on `cats_and_dogs_filtered`, with the two backbones that
 have offline ImageNet weights (VGG16 and MobileNetV2) and `model: mobilenet`, every other parameter as
 params.yaml has it. It keeps what `reports/comparison.csv`, `metrics/model.json` and the crossval metrics say,
-and the wall time of the whole run, in benchmarks/study.json, and writes the results table into README.md
-(between the `study` markers).
+and the wall time of the whole run, in benchmarks/study.json, and writes the results table into README.md and
+docs/results.md (between the `study` markers).
 """
 
 from __future__ import annotations
@@ -15,18 +15,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from benchmarks import insert_tables, machine
+from benchmarks import Block, load_results, measured, save_results, stamp, write_blocks
 from tests.helpers import SHARED_DIR, make_project
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-REPORT = PROJECT_ROOT / "benchmarks" / "study.json"
-README = PROJECT_ROOT / "README.md"
+NAME = "study"
+PAGES = ("README.md", "docs/results.md")
 BACKBONES = {
     "mobilenet": ("MobileNetV2", "mobilenet_v2_1.0_224_imagenet_notop.weights.h5", "float32"),
     "vgg16": ("VGG16", "vgg16_imagenet_notop.weights.h5", None),
@@ -80,8 +78,7 @@ def number(value: Any, pattern: str) -> str:
 
 def table(report: dict[str, Any]) -> str:
     lines = [
-        f"Measured by `python -m benchmarks.study` on {report['machine']}, {report['date']}: `dvc repro` of the "
-        f"default parameters with `model: mobilenet`, {report['repro_seconds'] / 60:.0f} minutes in all.",
+        f"{measured(report, NAME)}: `dvc repro` of the default parameters with `model: mobilenet`, {report['repro_seconds'] / 60:.0f} minutes in all.",
         "",
         "| backbone | accuracy [95% interval] | vs best [95% interval] | McNemar p | verdict | cross-validated "
         "accuracy | F1 | ROC AUC | log loss | ECE (scaled) | params | images/s |",
@@ -114,21 +111,28 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=SHARED_DIR)
-    parser.add_argument("--table-only", action="store_true", help=f"rewrite the table from {REPORT.name}, run nothing")
-    args = parser.parse_args()
+def blocks(report: dict[str, Any]) -> dict[Block, str]:
+    return {(page, NAME): table(report) for page in PAGES}
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
+    parser.add_argument("--table-only", action="store_true", help=f"re-render the table from {NAME}.json, run nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
     if args.table_only:
-        report = json.loads(REPORT.read_text())
+        report = load_results(NAME)
     else:
         with tempfile.TemporaryDirectory(prefix="tl-study-") as tmp:
-            report = {"machine": machine(), "date": date.today().isoformat()} | run_study(
-                study_project(Path(tmp) / "project", args.shared)
-            )
-        REPORT.write_text(json.dumps(report, indent=2) + "\n")
-    insert_tables(README, "study", table(report))
-    print(table(report))
+            report = stamp() | run_study(study_project(Path(tmp) / "project", args.shared))
+        save_results(NAME, report)
+    rendered = blocks(report)
+    write_blocks(rendered)
+    print(rendered[(PAGES[0], NAME)])
 
 
 if __name__ == "__main__":
