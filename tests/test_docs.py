@@ -136,6 +136,7 @@ def code_identifiers() -> set[str]:
     names: set[str] = set()
     for folder in ("stages", "tlpipe", "tests", "benchmarks"):
         for file in (PROJECT_ROOT / folder).glob("*.py"):
+            names.add(file.stem)
             for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.Name):
                     names.add(node.id)
@@ -332,3 +333,13 @@ def test_the_layout_names_every_module() -> None:
         s for s in stages if s not in named and s not in upstream_stages() and f"{s}@<b>" not in upstream_stages()
     )
     assert not missing, f"CONTRIBUTING.md's layout does not name {missing}"
+
+
+def test_every_measured_block_is_its_results_file_rendered() -> None:
+    """The numbers between markers are what the benchmark that measured them renders from its committed
+    results file: a number edited by hand, or a results file committed without its tables, fails."""
+    from benchmarks.tables import rendered, stale
+
+    assert not stale(), f"run `python -m benchmarks.tables`: {stale()}"
+    on_pages = {(page_id(page), name) for page in DOC_PAGES for name, _ in MARKERS.findall(page.read_text("utf-8"))}
+    assert on_pages <= set(rendered()), f"blocks no benchmark renders: {sorted(on_pages - set(rendered()))}"
