@@ -81,7 +81,7 @@ def measure(shared: Path) -> list[dict[str, Any]]:
     weights, archive = shared / WEIGHTS, shared / ZIP
     for path in (weights, archive):
         if not path.is_file():
-            sys.exit(f"{path} not found; see README.md (real data beside the project, or SHARED_DIR)")
+            sys.exit(f"{path} not found; see CONTRIBUTING.md (the folder SHARED_DIR names)")
     with tempfile.TemporaryDirectory(prefix="engine-") as folder:
         backbone = {KEY: {"arch": "MobileNetV2", "image_size": 224, "weights": str(weights), "precision": "float32"}}
         project = make_project(
