@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from stages.check_metrics import main
 from tests.helpers import PROJECT_ROOT, make_project, run
-from tlpipe.gate import judge, judge_all, tolerance
+from tlpipe.gate import diff_files, judge, judge_all, markdown, split_files, tolerance
 
 SCORES = {
     "accuracy": 0.98,
@@ -28,7 +30,7 @@ SCORES = {
 def write_metrics(project: Path, name: str, **changes: object) -> None:
     scores = {k: v for k, v in (SCORES | changes).items() if v is not None}
     (project / "metrics").mkdir(exist_ok=True)
-    (project / "metrics" / f"{name}.json").write_text(json.dumps(scores))
+    (project / "metrics" / f"{name}.json").write_text(json.dumps(scores))  # NaN and inf as Python's json writes them
 
 
 def gate(project: Path, *args: str):
@@ -195,3 +197,138 @@ def test_rules_by_exact_name_then_pattern_then_default() -> None:
     assert tolerance("accuracy_ci_low", shipped) == {"ignore": True}
     assert tolerance("only_frozen_right", shipped) == {"ignore": True}
     assert tolerance("ece_calibrated", shipped) == {"max_rise": 0.02}
+
+
+@pytest.mark.slow
+def test_nan_inf_and_text_metrics_fail_with_their_reason(project: Path) -> None:
+    write_metrics(project, "vgg16", accuracy=math.nan, loss=math.inf)
+    write_metrics(project, "mobilenet", accuracy=0.99, roc_auc="abc")
+    result = gate(project)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "**3 regressed**" in result.stdout
+    assert table_row(result.stdout, "accuracy", "vgg16")[-1] == "**REGRESSED** (new value not a finite number: nan)"
+    assert table_row(result.stdout, "loss", "vgg16")[-1] == "**REGRESSED** (new value not a finite number: inf)"
+    assert table_row(result.stdout, "roc_auc", "mobilenet")[-1] == "**REGRESSED** (new value not a number: 'abc')"
+
+
+@pytest.mark.slow
+def test_a_nan_in_the_baseline_fails(project: Path) -> None:
+    write_metrics(project, "vgg16", accuracy=math.nan)
+    run(["git", "commit", "-qam", "a NaN baseline"], project)
+    write_metrics(project, "vgg16")
+    result = gate(project)
+    assert result.returncode == 1
+    assert (
+        table_row(result.stdout, "accuracy", "vgg16")[-1] == "**REGRESSED** (baseline value not a finite number: nan)"
+    )
+
+
+@pytest.mark.slow
+def test_an_unreadable_metrics_file_is_one_line_naming_it_and_fails(project: Path) -> None:
+    (project / "metrics" / "vgg16.json").write_text('{"accuracy": 0.9,')
+    result = gate(project)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: metrics/vgg16.json cannot be read (JSON file structure is corrupted); "
+        "rerun the stage that writes it (dvc repro)"
+    ]
+    assert "**1 unreadable file**" in result.stdout and "missing" not in result.stdout
+    assert table_row(result.stdout, "accuracy", "mobilenet")[-1] == "ok"  # the readable files are still judged
+
+
+@pytest.mark.slow
+def test_an_unreadable_baseline_file_exits_2_naming_it(project: Path) -> None:
+    (project / "metrics" / "vgg16.json").write_text("[not json")
+    run(["git", "commit", "-qam", "a damaged baseline"], project)
+    write_metrics(project, "vgg16")
+    result = gate(project)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: baseline 'HEAD': metrics/vgg16.json cannot be read (JSON file structure is corrupted); "
+        "choose another --baseline"
+    ]
+
+
+@pytest.mark.parametrize("baseline", ["--help", "-x", "--output=/tmp/x", "", "  "])
+def test_a_baseline_that_is_an_option_or_empty_is_refused_with_one_line(
+    baseline: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([f"--baseline={baseline}"]) == 2  # refused before params.yaml or any repository is read
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("error: --baseline")
+
+
+def test_a_usage_mistake_is_one_line_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--baseline"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: argument --baseline: expected one argument (see tl-check-metrics --help)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        (0.9, math.nan, "new value not a finite number: nan"),
+        (0.9, math.inf, "new value not a finite number: inf"),
+        (0.9, -math.inf, "new value not a finite number: -inf"),
+        (math.nan, 0.9, "baseline value not a finite number: nan"),
+        (math.nan, math.nan, "baseline value not a finite number: nan"),
+        (0.9, "abc", "new value not a number: 'abc'"),
+        ("abc", 0.9, "baseline value not a number: 'abc'"),
+        (0.9, True, "new value not a number: True"),
+        (None, math.nan, "new value not a finite number: nan"),  # a new metric that is NaN
+        pytest.param(0.9, 10**400, "new value too large to compare: 1" + "0" * 38 + "…", id="a 401-digit integer"),
+    ],
+)
+def test_values_that_cannot_be_compared_regress_with_their_reason(old: object, new: object, reason: str) -> None:
+    row = judge("accuracy", "x", old, new, {"max_drop": 0.01})
+    assert (row.verdict, row.reason, row.change) == ("REGRESSED", reason, None)
+
+
+def test_names_are_compared_as_names_and_ignored_metrics_are_never_judged() -> None:
+    assert judge("best", "summary", "vgg16", "vgg16", {"max_drop": 0.01}).verdict == "ok"
+    assert judge("best", "summary", None, "vgg16", {"max_drop": 0.01}).verdict == "new"
+    assert judge("images_per_second", "x", 15.0, math.nan, {"ignore": True}).verdict == "ignored"
+    assert judge("accuracy", "x", math.nan, None, {"max_drop": 0.01}).verdict == "MISSING"
+
+
+def test_dvc_results_split_into_metrics_absent_files_and_unreadable_ones() -> None:
+    class JSONFileCorruptedError(Exception):  # DVC's, by name: its message starts with DVC's own relative path
+        pass
+
+    result = {
+        "data": {
+            "metrics/vgg16.json": {"data": {"accuracy": 0.9, "backbones": {"vgg16": {"f1": 0.8}}}},
+            "metrics/resnet50.json": {"error": FileNotFoundError(2, "No such file or directory")},
+            "metrics/effnet.json": {
+                "error": JSONFileCorruptedError(
+                    "unable to read: '../../metrics/effnet.json', JSON file structure is corrupted"
+                )
+            },
+            "metrics/model.json": {"data": 5},
+        }
+    }
+    files, errors = split_files(result)
+    assert files == {"metrics/vgg16.json": {"accuracy": 0.9, "backbones.vgg16.f1": 0.8}}
+    assert errors == {
+        "metrics/effnet.json": "JSON file structure is corrupted",
+        "metrics/model.json": "holds int, not a mapping of metrics",
+    }
+    old = {"metrics/vgg16.json": {"accuracy": 0.95}, "metrics/effnet.json": {"accuracy": 0.9}}
+    assert diff_files(old, files, skip=set(errors)) == {
+        "metrics/vgg16.json": {
+            "accuracy": {"old": 0.95, "new": 0.9},
+            "backbones.vgg16.f1": {"old": None, "new": 0.8},
+        }
+    }
+
+
+def test_table_cells_keep_their_row_whatever_the_values_hold() -> None:
+    rows = judge_all({"metrics/x.json": {"a|b": {"old": "one\nline|two", "new": "one\nline|two"}}}, {"default": {}})
+    table = markdown(rows, "main`", {"metrics/y.json": "bad | worse"})
+    assert "| a\\|b | x | one line\\|two | one line\\|two |" in table
+    assert table.startswith("### Metrics against `main`: **1 unreadable file**")
+    assert "metrics/y.json cannot be read (bad \\| worse)" in table
