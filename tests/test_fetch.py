@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
+import io
 import json
 import os
 import re
@@ -16,6 +18,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -25,10 +28,30 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))  # `pytest` alone (unlike `python -m pytest`) skips the cwd
 
 from tlpipe import download as fetch_module  # noqa: E402
-from tlpipe.download import Source, fetch, pack_directory, partial_path, read_record, write_record  # noqa: E402
+from tlpipe.download import (  # noqa: E402
+    Limits,
+    Source,
+    fetch,
+    pack_directory,
+    partial_path,
+    read_record,
+    redacted,
+    write_record,
+)
 from tlpipe.errors import PipelineError  # noqa: E402
 
-DATA = bytes(range(256)) * 400 + b"tail"  # 102 404 bytes, not a multiple of anything convenient
+
+def zip_bytes(body: bytes, name: str = "train/cats/cat.1.jpg") -> bytes:
+    """A one-entry zip holding `body` uncompressed, the same bytes every time."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), body)
+    return buffer.getvalue()
+
+
+BODY = bytes(range(256)) * 400 + b"tail"  # 102 404 bytes, not a multiple of anything convenient
+DATA = zip_bytes(BODY)  # fetch accepts only a readable zip
+OTHER = zip_bytes(BODY[::-1])  # another version of the dataset
 HALF = len(DATA) // 2
 FAST = {"attempts": 3, "backoff_s": 0.01, "timeout_s": 5}
 
@@ -441,9 +464,9 @@ def test_local_zip_is_copied_only_when_it_changed(
     fetch(str(source_zip), paths["target"], None)
     assert paths["target"].stat().st_mtime_ns == mtime
     assert last_line(capsys).startswith("fetch: unchanged:")
-    source_zip.write_bytes(DATA[::-1])
+    source_zip.write_bytes(OTHER)
     fetch(str(source_zip), paths["target"], None)
-    assert paths["target"].read_bytes() == DATA[::-1]
+    assert paths["target"].read_bytes() == OTHER
     assert last_line(capsys).startswith("fetch: updated:")
 
 
@@ -466,9 +489,9 @@ def test_an_unchanged_local_zip_is_neither_copied_nor_hashed_again(
     assert len(copies) == 1 and "holds the same data" in last_line(capsys)
     fetch(str(source_zip), paths["target"], None)
     assert len(copies) == 1  # the new time was recorded
-    source_zip.write_bytes(DATA[::-1])
+    source_zip.write_bytes(OTHER)
     fetch(str(source_zip), paths["target"], None)
-    assert len(copies) == 2 and paths["target"].read_bytes() == DATA[::-1]
+    assert len(copies) == 2 and paths["target"].read_bytes() == OTHER
     assert last_line(capsys).startswith("fetch: updated:")
 
 
@@ -532,7 +555,7 @@ def test_changed_etag_downloads_again(
 ) -> None:
     server.handle = lambda request: send_versioned(request, DATA, '"v1"', MODIFIED)
     run_fetch(server, paths)
-    new = DATA[::-1]
+    new = OTHER
     server.handle = lambda request: send_versioned(request, new, '"v2"', "Thu, 22 Oct 2015 07:28:00 GMT")
     capsys.readouterr()
     assert run_fetch(server, paths).read_bytes() == new
@@ -595,7 +618,7 @@ def test_pinned_sha256_missing_the_archive_asks_unconditionally(server: Server, 
     run_fetch(server, paths)
     # A 304 to a conditional GET would keep an archive that is not the pinned one.
     with pytest.raises(PipelineError) as error:
-        run_fetch(server, paths, sha(DATA[::-1]))
+        run_fetch(server, paths, sha(OTHER))
     assert "sha256 mismatch" in assert_one_line(error)
     assert "If-None-Match" not in server.requests[1]
     assert paths["target"].read_bytes() == DATA  # the mismatching download never replaced it
@@ -657,8 +680,8 @@ def test_failing_server_keeps_the_earlier_download_but_a_404_is_an_error(
 # --- the stage as DVC runs it --------------------------------------------------------------------
 
 
-def run_stage(workdir: Path, url: str) -> subprocess.CompletedProcess[str]:
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
+def run_stage(workdir: Path, url: str, params: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
+    params = params or yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["data"]["url"] = url
     params["data"]["sha256"] = None
     (workdir / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
@@ -704,3 +727,402 @@ def test_stage_with_a_bad_url_prints_one_error_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "missing.zip" in lines[0]
     assert not (workdir / "data" / "raw" / "dataset.zip").exists()
+
+
+# --- bounds: time, rate, bytes, and only a zip replaces the archive --------------------------------
+#
+# Each test passes tiny limits as arguments, so that a bound is hit in well under a second.
+
+
+def with_previous_archive(server: Server, paths: dict[str, Path], *, same_url: bool = False) -> tuple[bytes, bytes]:
+    """A first, good download; returns the archive's and source.json's bytes, which a failed fetch must keep.
+
+    From another URL unless `same_url`: then a failure to check the server falls back on it, with a warning.
+    """
+    url = server.url() if same_url else server.url("/earlier/cats_and_dogs_filtered.zip")
+    fetch(url, paths["target"], None, partial_dir=paths["partial_dir"], **FAST)
+    return paths["target"].read_bytes(), paths["target"].with_name("source.json").read_bytes()
+
+
+def assert_kept(paths: dict[str, Path], before: tuple[bytes, bytes], message: str) -> None:
+    assert (paths["target"].read_bytes(), paths["target"].with_name("source.json").read_bytes()) == before
+    assert message.endswith(f"; kept the previous {paths['target']}")
+
+
+def trickle(request: http.server.BaseHTTPRequestHandler, interval_s: float, limit: int = 400) -> None:
+    """A zip's first bytes, then one byte every `interval_s` (at most `limit`), without a Content-Length."""
+    request.send_response(200)
+    request.end_headers()
+    try:
+        request.wfile.write(DATA[:2])
+        for byte in DATA[2:limit]:
+            request.wfile.write(bytes([byte]))
+            request.wfile.flush()
+            time.sleep(interval_s)
+    except OSError:
+        pass  # the client gave up, as it should
+
+
+def stream(
+    request: http.server.BaseHTTPRequestHandler,
+    first: bytes,
+    total: int,
+    length: str | None = None,
+    sent: list[int] | None = None,
+) -> None:
+    """`first`, then zeros up to `total` bytes, quickly; with `length` as the Content-Length if given. Appends
+    to `sent` how many bytes the client took before it hung up."""
+    request.send_response(200)
+    if length is not None:
+        request.send_header("Content-Length", length)
+    request.end_headers()
+    block, done = bytes(64 * 1024), 0
+    try:
+        request.wfile.write(first)
+        done = len(first)
+        while done < total:
+            done += request.wfile.write(block[: total - done])
+    except OSError:
+        pass  # the client hung up
+    if sent is not None:
+        sent.append(done)
+
+
+def test_a_slow_server_is_given_up_on_naming_min_download_rate(server: Server, paths: dict[str, Path]) -> None:
+    before = with_previous_archive(server, paths)
+    server.handle = lambda request: trickle(request, 0.05)  # about 20 bytes/s
+    started = time.monotonic()
+    limits = Limits(min_rate=1000, rate_window_s=0.5)
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, limits=limits)
+    elapsed = time.monotonic() - started
+    message = assert_one_line(error)
+    assert "data.min_download_rate" in message and server.url() in message
+    assert elapsed < 5, f"gave up after {elapsed:.1f} s, not about the 0.5 s window"
+    assert len(server.requests) == 2  # given up at once, not retried
+    assert_kept(paths, before, message)
+    assert partial_path(server.url(), paths["partial_dir"]).stat().st_size > 2  # kept, for a rerun to resume
+
+
+def test_the_deadline_ends_a_download_that_keeps_its_rate(server: Server, paths: dict[str, Path]) -> None:
+    server.handle = lambda request: trickle(request, 0.02)
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, limits=Limits(deadline_s=0.5, min_rate=0))
+    elapsed = time.monotonic() - started
+    message = assert_one_line(error)
+    assert "data.download_deadline" in message and "raise data.download_deadline" in message
+    assert 0.5 <= elapsed < 3, elapsed
+    assert not paths["target"].exists()
+
+
+def test_the_deadline_covers_every_retry(server: Server, paths: dict[str, Path]) -> None:
+    server.handle = lambda request: send(request, b"oops", 503)
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, attempts=50, backoff_s=0.2, limits=Limits(deadline_s=0.5))
+    elapsed = time.monotonic() - started
+    message = assert_one_line(error)
+    assert "data.download_deadline" in message and "503" in message
+    assert elapsed < 2 and len(server.requests) < 5, (elapsed, len(server.requests))
+
+
+def test_a_silent_server_cannot_outlast_the_deadline(server: Server, paths: dict[str, Path]) -> None:
+    def silent(request: http.server.BaseHTTPRequestHandler) -> None:
+        time.sleep(2)
+
+    server.handle = silent
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, timeout_s=30, limits=Limits(deadline_s=0.5))
+    assert "data.download_deadline" in assert_one_line(error)
+    assert time.monotonic() - started < 1.5  # the 30 s per-read timeout was cut to what the deadline left
+
+
+def test_a_length_over_the_cap_is_refused_before_the_body(server: Server, paths: dict[str, Path]) -> None:
+    before = with_previous_archive(server, paths)
+    server.handle = lambda request: stream(request, DATA[:2], 10 * 2**20, length=str(10**12))
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, limits=Limits(max_bytes=2**20))
+    message = assert_one_line(error)
+    assert "1,000,000,000,000 bytes" in message and "data.max_download_bytes (1,048,576 bytes)" in message
+    assert_kept(paths, before, message)
+    assert not partial_path(server.url(), paths["partial_dir"]).exists()
+
+
+@pytest.mark.parametrize("size", [64 * 2**20, 2**20 + 1])  # far over the cap; one byte over it
+def test_a_stream_without_length_stops_at_the_cap(server: Server, paths: dict[str, Path], size: int) -> None:
+    before = with_previous_archive(server, paths)
+    server.handle = lambda request: stream(request, DATA[:2], size)  # no Content-Length
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, limits=Limits(max_bytes=2**20))
+    message = assert_one_line(error)
+    assert "sent more than data.max_download_bytes (1,048,576 bytes)" in message
+    assert_kept(paths, before, message)
+    assert not partial_path(server.url(), paths["partial_dir"]).exists()
+
+
+def test_a_stream_exactly_at_the_cap_is_accepted(server: Server, paths: dict[str, Path]) -> None:
+    server.handle = lambda request: send(request, DATA)
+    assert run_fetch(server, paths, limits=Limits(max_bytes=len(DATA))).read_bytes() == DATA
+
+
+def test_bytes_that_do_not_start_like_a_zip_are_refused_at_once(server: Server, paths: dict[str, Path]) -> None:
+    sent: list[int] = []
+    server.handle = lambda request: stream(request, b"\0\0", 256 * 2**20, sent=sent)  # 256 MiB of zeros
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths)
+    message = assert_one_line(error)
+    assert "is not a zip archive (its first bytes are not a zip's)" in message and "data.url" in message
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)  # the server thread notices the hang-up at its next write
+    assert sent and sent[0] < 64 * 2**20, sent  # the client stopped reading at once (the rest: socket buffers)
+    assert not paths["target"].exists() and not partial_path(server.url(), paths["partial_dir"]).exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "looks"),
+    [
+        (b"<!DOCTYPE html><html><body>Sign in</body></html>", "HTML"),
+        (b"PK but not a zip after all" * 100, "do not start or end like a zip"),
+        (DATA[: len(DATA) - 30], "do not start or end like a zip"),  # a zip cut short: no central directory
+        (b"", "empty"),
+    ],
+)
+def test_a_download_that_is_not_a_zip_keeps_the_previous_archive(
+    server: Server, paths: dict[str, Path], body: bytes, looks: str
+) -> None:
+    before = with_previous_archive(server, paths)
+    server.handle = lambda request: send(request, body)
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, sha256=None)
+    message = assert_one_line(error)
+    assert "is not a zip archive" in message and looks in message
+    assert_kept(paths, before, message)
+    assert not partial_path(server.url(), paths["partial_dir"]).exists()  # bad bytes are never resumed
+
+
+def test_a_slow_server_with_an_earlier_download_warns_naming_the_parameter(
+    server: Server, paths: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Like an outage: the archive downloaded earlier from the same URL is used, with one warning line."""
+    before = with_previous_archive(server, paths, same_url=True)
+    server.handle = lambda request: trickle(request, 0.05)
+    capsys.readouterr()
+    run_fetch(server, paths, limits=Limits(min_rate=1000, rate_window_s=0.3))
+    line = last_line(capsys)
+    assert line.startswith("warning: ") and "data.min_download_rate" in line
+    assert (paths["target"].read_bytes(), paths["target"].with_name("source.json").read_bytes()) == before
+
+
+def test_a_local_file_that_is_not_a_zip_is_refused(tmp_path: Path, paths: dict[str, Path], source_zip: Path) -> None:
+    fetch(str(source_zip), paths["target"], None)
+    before = (paths["target"].read_bytes(), paths["target"].with_name("source.json").read_bytes())
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(PipelineError) as error:
+        fetch(str(passwd), paths["target"], None)
+    message = assert_one_line(error)
+    assert "is not a zip archive" in message and "root:x" not in message  # named, never quoted
+    assert_kept(paths, before, message)
+    assert sorted(p.name for p in paths["target"].parent.iterdir()) == ["dataset.zip", "source.json"]
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero here")
+def test_a_device_is_refused(paths: dict[str, Path]) -> None:
+    with pytest.raises(PipelineError) as error:
+        fetch("/dev/zero", paths["target"], None)
+    assert "neither a regular file nor a folder" in assert_one_line(error)
+
+
+def test_a_local_zip_or_folder_over_the_cap_is_refused(
+    tmp_path: Path, paths: dict[str, Path], source_zip: Path
+) -> None:
+    with pytest.raises(PipelineError) as error:
+        fetch(str(source_zip), paths["target"], None, limits=Limits(max_bytes=1000))
+    assert "data.max_download_bytes (1,000 bytes)" in assert_one_line(error)
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    with pytest.raises(PipelineError) as error:
+        fetch(str(folder), paths["target"], None, limits=Limits(max_bytes=10))
+    assert "data.max_download_bytes (10)" in assert_one_line(error)
+    assert not paths["target"].exists()
+
+
+# --- symbolic links in a local folder --------------------------------------------------------------
+#
+# Refused when they lead outside the folder (or into a loop), packed under their own name when they lead
+# to a file or folder inside it.
+
+
+def test_a_link_to_a_file_outside_the_folder_is_refused(tmp_path: Path, paths: dict[str, Path]) -> None:
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    fetch(str(folder), paths["target"], None)
+    before = (paths["target"].read_bytes(), paths["target"].with_name("source.json").read_bytes())
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not yours")
+    link = folder / "train" / "cats" / "secret.jpg"
+    link.symlink_to(secret)
+    with pytest.raises(PipelineError) as error:
+        fetch(str(folder), paths["target"], None)
+    message = assert_one_line(error)
+    assert str(link) in message and str(secret) in message and "outside" in message
+    assert_kept(paths, before, message)
+    with zipfile.ZipFile(paths["target"]) as archive:
+        assert "train/cats/secret.jpg" not in archive.namelist()
+
+
+def test_a_linked_folder_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    elsewhere = tmp_path / "home"
+    (elsewhere / "ssh").mkdir(parents=True)
+    (elsewhere / "ssh" / "id_rsa").write_bytes(b"key")
+    (folder / "train" / "birds").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(PipelineError) as error:
+        pack_directory(folder, tmp_path / "out.zip")
+    assert str(folder / "train" / "birds") in assert_one_line(error) and "outside" in str(error.value)
+
+
+def test_links_inside_the_folder_are_packed_under_their_own_names(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    (folder / "train" / "cats" / "alias.jpg").symlink_to(folder / "validation" / "cats" / "cat.3.jpg")
+    (folder / "train" / "dogs" / "relative.jpg").symlink_to(Path("dog.1.jpg"))  # relative, same folder
+    (folder / "validation" / "birds").symlink_to(Path("..") / "train" / "dogs", target_is_directory=True)
+    pack_directory(folder, tmp_path / "out.zip")
+    with zipfile.ZipFile(tmp_path / "out.zip") as archive:
+        assert archive.read("train/cats/alias.jpg") == b"cat three"
+        assert archive.read("train/dogs/relative.jpg") == b"dog"
+        assert archive.read("validation/birds/dog.1.jpg") == b"dog"
+
+
+def test_a_link_to_a_folder_containing_it_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    (folder / "train" / "cats" / "again").symlink_to(folder / "train", target_is_directory=True)
+    with pytest.raises(PipelineError) as error:
+        pack_directory(folder, tmp_path / "out.zip")
+    assert "contains it" in assert_one_line(error)
+
+
+def test_a_folder_given_through_a_link_is_packed(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    (tmp_path / "shortcut").symlink_to(folder, target_is_directory=True)
+    pack_directory(tmp_path / "shortcut", tmp_path / "via_link.zip")
+    pack_directory(folder, tmp_path / "direct.zip")
+    assert (tmp_path / "via_link.zip").read_bytes() == (tmp_path / "direct.zip").read_bytes()
+
+
+# --- secrets in data.url ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:secret@host/d.zip", "http://user:***@host/d.zip"),
+        ("https://ghp_token123@github.com/o/r/d.zip", "https://***@github.com/o/r/d.zip"),
+        ("https://u:p%40ss@h:8443/d.zip?x=1", "https://u:***@h:8443/d.zip?x=1"),
+        ("https://h/d.zip?token=abc&v=2", "https://h/d.zip?token=***&v=2"),
+        (
+            "https://b.s3.amazonaws.com/d.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20240101"
+            "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-Signature=0123abcd&X-Amz-Security-Token=tok",
+            "https://b.s3.amazonaws.com/d.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
+            "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-Signature=***&X-Amz-Security-Token=***",
+        ),
+        (
+            "https://a.blob.core.windows.net/c/d.zip?sv=2022&sig=Zm9v%3D",
+            "https://a.blob.core.windows.net/c/d.zip?sv=2022&sig=***",
+        ),
+        ("https://h/d.zip?access_token=a;api_key=b;page=3", "https://h/d.zip?access_token=***;api_key=***;page=3"),
+        ("https://h/d.zip#access_token=abc&state=1", "https://h/d.zip#access_token=***&state=1"),
+        ("https://h/d.zip?Password=x&dl=1", "https://h/d.zip?Password=***&dl=1"),
+        ("https://example.com/cats_and_dogs_filtered.zip", "https://example.com/cats_and_dogs_filtered.zip"),
+        ("/data/with:colon@sign/photos", "/data/with:colon@sign/photos"),  # a path, not a URL
+    ],
+)
+def test_redacted_hides_passwords_and_token_values(url: str, shown: str) -> None:
+    assert redacted(url) == shown
+
+
+def secret_url(server: Server, token: str = "tok-1234567") -> str:
+    return (
+        f"http://alice:pa55word!@127.0.0.1:{server.port}/cats_and_dogs_filtered.zip"
+        f"?token={token}&X-Amz-Signature=sig-abcdef&v=1"
+    )
+
+
+SECRETS = ("pa55word", "tok-1234567", "sig-abcdef", "tok-7654321")
+
+
+def assert_no_secret(text: str) -> None:
+    assert not [secret for secret in SECRETS if secret in text], text
+
+
+def test_an_error_never_shows_the_password_or_token(server: Server, paths: dict[str, Path]) -> None:
+    url = secret_url(server)
+    server.handle = lambda request: send(request, b"nope", 404)
+    with pytest.raises(PipelineError) as error:
+        fetch(url, paths["target"], None, partial_dir=paths["partial_dir"], **FAST)
+    message = assert_one_line(error)
+    assert_no_secret(message)
+    assert "404" in message and "alice:***@" in message and "token=***" in message and "v=1" in message
+
+
+def test_an_unreachable_host_never_shows_the_password(paths: dict[str, Path]) -> None:
+    url = closed_port_url().replace("http://", "http://alice:pa55word!@") + "?token=tok-1234567"
+    with pytest.raises(PipelineError) as error:
+        fetch(url, paths["target"], None, partial_dir=paths["partial_dir"], **{**FAST, "attempts": 1})
+    message = assert_one_line(error)
+    assert "cannot be reached" in message
+    assert_no_secret(message)
+
+
+def test_credentials_are_sent_as_basic_auth_and_recorded_redacted(
+    server: Server, paths: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.handle = lambda request: send_versioned(request, DATA, '"v1"', MODIFIED)
+    url = secret_url(server)
+    fetch(url, paths["target"], None, partial_dir=paths["partial_dir"], **FAST)
+    expected = "Basic " + base64.b64encode(b"alice:pa55word!").decode()
+    assert server.requests[0]["Authorization"] == expected
+    record_path = paths["target"].with_name("source.json")
+    text = record_path.read_text()
+    assert_no_secret(text)
+    record = read_record(record_path)
+    assert record is not None and record.url == redacted(url) and record.url_hash
+    # The same URL is recognised through its hash: a conditional GET, and nothing rewritten.
+    fetch(url, paths["target"], None, partial_dir=paths["partial_dir"], **FAST)
+    assert server.requests[1].get("If-None-Match") == '"v1"'
+    assert record_path.read_text() == text
+    # A new token is a new URL, though it reads the same redacted.
+    fetch(secret_url(server, "tok-7654321"), paths["target"], None, partial_dir=paths["partial_dir"], **FAST)
+    assert "If-None-Match" not in server.requests[2]
+    assert_no_secret(capsys.readouterr().err + record_path.read_text())
+
+
+def test_the_model_card_shows_the_source_redacted() -> None:
+    from tests.test_model_card import inputs
+    from tlpipe.model_card import data_section
+
+    card_inputs = inputs()
+    card_inputs.source["url"] = "https://alice:pa55word!@example.com/pets.zip?sig=sig-abcdef"
+    section = data_section(card_inputs)
+    assert_no_secret(section)
+    assert "https://alice:***@example.com/pets.zip?sig=***" in section
+
+
+def test_the_stage_reads_the_limits_from_params(tmp_path: Path) -> None:
+    source = tmp_path / "tiny.zip"
+    source.write_bytes(DATA)
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["data"]["max_download_bytes"] = 1000
+    result = run_stage(workdir, str(source), params)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "data.max_download_bytes (1,000 bytes)" in lines[0]

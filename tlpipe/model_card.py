@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tlpipe.download import redacted
 from tlpipe.export import FORMATS, KERAS
 from tlpipe.files import megabytes
 from tlpipe.paths import EXPORTS_DIR, SHIPPED_MODEL
@@ -129,11 +130,13 @@ def head_description(train: dict[str, Any]) -> str:
 
 def data_section(inputs: CardInputs) -> str:
     source, report = inputs.source, inputs.report
+    # Passwords and tokens in the URL are hidden (a record from before redaction may still hold them).
+    shown_url = redacted(str(source.get("url")))
     counts = report["counts"]
     lines = [
         "## Data",
         "",
-        f"- Source: `{source.get('url')}`, sha256 `{source.get('sha256')}` ({source.get('size', 0):,} bytes; "
+        f"- Source: `{shown_url}`, sha256 `{source.get('sha256')}` ({source.get('size', 0):,} bytes; "
         "`data/raw/source.json`).",
         f"- {len(report['classes'])} classes, {report['total']:,} usable images; "
         f"{len(report['skipped'])} skipped, {len(report['converted'])} converted to RGB"
