@@ -839,6 +839,27 @@ def test_a_silent_server_cannot_outlast_the_deadline(server: Server, paths: dict
     assert time.monotonic() - started < 1.5  # the 30 s per-read timeout was cut to what the deadline left
 
 
+def test_a_server_trickling_its_headers_cannot_outlast_the_deadline(server: Server, paths: dict[str, Path]) -> None:
+    """A read timeout bounds one wait only; the deadline shuts the connection down wherever it waits."""
+
+    def trickle_headers(request: http.server.BaseHTTPRequestHandler) -> None:
+        try:
+            request.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(200):
+                request.wfile.write(b"x")
+                request.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+    server.handle = trickle_headers
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as error:
+        run_fetch(server, paths, limits=Limits(deadline_s=0.5))
+    assert "data.download_deadline" in assert_one_line(error)
+    assert time.monotonic() - started < 2  # the server would go on for 10 s
+
+
 def test_a_length_over_the_cap_is_refused_before_the_body(server: Server, paths: dict[str, Path]) -> None:
     before = with_previous_archive(server, paths)
     server.handle = lambda request: stream(request, DATA[:2], 10 * 2**20, length=str(10**12))

@@ -17,6 +17,7 @@ folder never reads outside itself. URLs are shown and recorded only as `redacted
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import http.client
@@ -24,18 +25,20 @@ import json
 import os
 import re
 import shutil
+import socket
 import ssl
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from email.message import Message
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, unquote_plus, urlsplit
-from urllib.request import Request, url2pathname, urlopen
+from urllib.request import HTTPHandler, HTTPSHandler, OpenerDirector, Request, build_opener, url2pathname
 
 from tqdm import tqdm
 
@@ -619,9 +622,41 @@ class _Clock:
     def __init__(self, url: str, limits: Limits) -> None:
         self.url, self.limits = url, limits
         self.ends_at = time.monotonic() + limits.deadline_s
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.expired = False
 
     def left(self) -> float:
         return self.ends_at - time.monotonic()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Shut the download's connections down at the deadline, wherever it waits: a read timeout bounds
+        only one wait, so a server trickling its headers (or a TLS handshake) could otherwise go on for ever."""
+        timer = threading.Timer(max(self.left(), 0.0), self._expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _expire(self) -> None:
+        with self.lock:
+            self.expired = True
+            for sock in self.sockets:
+                _shut(sock)
+
+    def connect(
+        self, address: tuple[str, int], timeout: float | None = None, source_address: tuple[str, int] | None = None
+    ) -> socket.socket:
+        """socket.create_connection, for http.client, with the socket watched by the deadline."""
+        sock = socket.create_connection(address, timeout, source_address)
+        with self.lock:
+            self.sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+        return sock
 
     def check(self, received: int, failure: str = "") -> None:
         """Raise once the deadline has passed."""
@@ -662,6 +697,34 @@ class _Rate:
         self.started, self.received = time.monotonic(), 0
 
 
+def _shut(sock: socket.socket) -> None:
+    """End `sock` both ways, so that a read blocked on it returns at once (close() alone would not wake it)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _opener(clock: _Clock) -> OpenerDirector:
+    """urllib's opener, with every connection it makes watched by `clock`."""
+
+    def watched(connection_class: type[http.client.HTTPConnection]) -> Any:
+        def make(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
+            connection = connection_class(*args, **kwargs)
+            connection._create_connection = clock.connect  # type: ignore[attr-defined]
+            return connection
+
+        return make
+
+    class Http(HTTPHandler):
+        def http_open(self, request: Request) -> http.client.HTTPResponse:
+            return self.do_open(watched(http.client.HTTPConnection), request)
+
+    class Https(HTTPSHandler):
+        def https_open(self, request: Request) -> http.client.HTTPResponse:
+            return self.do_open(watched(http.client.HTTPSConnection), request, context=self._context)  # type: ignore[attr-defined]
+
+    return build_opener(Http, Https)
+
+
 def download(
     url: str,
     partial: Path,
@@ -685,29 +748,33 @@ def download(
         raise ValueError(f"attempts must be at least 1, got {attempts}")
     partial.parent.mkdir(parents=True, exist_ok=True)
     clock = _Clock(url, limits)
-    for attempt in range(1, attempts + 1):
-        try:
-            return _download_once(url, partial, timeout_s, unless, clock)
-        except _Transient as error:
-            failure = error
-        if attempt == attempts or (failure.unreachable and not retry_unreachable):
-            break
-        pause = backoff_s * 2 ** (attempt - 1)
-        if pause >= clock.left():
-            raise clock.out_of_time(_size(partial), str(failure))
-        time.sleep(pause)
+    opener = _opener(clock)
+    with clock.running():
+        for attempt in range(1, attempts + 1):
+            try:
+                return _download_once(url, partial, timeout_s, unless, clock, opener)
+            except _Transient as error:
+                failure = error
+            if clock.left() <= 0:  # the deadline ended this attempt: say so, not what the cut looked like
+                raise clock.out_of_time(_size(partial), str(failure))
+            if attempt == attempts or (failure.unreachable and not retry_unreachable):
+                break
+            pause = backoff_s * 2 ** (attempt - 1)
+            if pause >= clock.left():
+                raise clock.out_of_time(_size(partial), str(failure))
+            time.sleep(pause)
     raise _give_up(url, partial, failure, attempt)
 
 
 def _download_once(
-    url: str, partial: Path, timeout_s: float, unless: Validators | None, clock: _Clock
+    url: str, partial: Path, timeout_s: float, unless: Validators | None, clock: _Clock, opener: OpenerDirector
 ) -> Validators | None:
     """One attempt; network problems become _Transient, permanent ones PipelineError."""
     clock.check(_size(partial))
     # No single wait (to connect, or for the next bytes) may outlast the deadline.
     timeout = max(min(timeout_s, clock.left()), 0.01)
     try:
-        response = _open(url, partial, timeout, unless)
+        response = _open(url, partial, timeout, unless, opener)
         if response is None:
             return Validators()  # the partial already held the whole file; its version is unknown
         with response:
@@ -724,13 +791,13 @@ def _download_once(
         ) from None
     except URLError as error:
         # urlopen wraps failures to connect: refused, DNS, unreachable network, connect timeout.
+        clock.check(_size(partial), str(error.reason))  # the deadline shut the connection down
         if isinstance(error.reason, ssl.SSLError):
             raise PipelineError(f"TLS error for {url}: {error.reason}") from None
         raise _Transient(str(error.reason), unreachable=True) from None
     except (http.client.HTTPException, ConnectionError, TimeoutError) as error:
         # Failures after the connection was made: the server went away mid-body or stalled.
-        if clock.left() <= 0:
-            raise clock.out_of_time(_size(partial), f"{type(error).__name__}") from None
+        clock.check(_size(partial), type(error).__name__)
         raise _Transient(f"{type(error).__name__}: {error}".rstrip(": ")) from None
 
 
@@ -738,11 +805,13 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _open(url: str, partial: Path, timeout_s: float, unless: Validators | None) -> http.client.HTTPResponse | None:
+def _open(
+    url: str, partial: Path, timeout_s: float, unless: Validators | None, opener: OpenerDirector
+) -> http.client.HTTPResponse | None:
     """The response for the bytes `partial` lacks, or None if `partial` already holds the whole file."""
     offset = _size(partial)
     try:
-        return urlopen(_request(url, offset, unless), timeout=timeout_s)
+        return opener.open(_request(url, offset, unless), timeout=timeout_s)
     except HTTPError as error:
         if error.code != 416 or not offset:
             raise
@@ -752,7 +821,7 @@ def _open(url: str, partial: Path, timeout_s: float, unless: Validators | None) 
             return None
         # The partial is longer than, or unrelated to, what the server holds now: start over.
         partial.unlink()
-        return urlopen(_request(url, 0, unless), timeout=timeout_s)
+        return opener.open(_request(url, 0, unless), timeout=timeout_s)
 
 
 def _request(url: str, offset: int, unless: Validators | None) -> Request:
@@ -836,6 +905,7 @@ def _receive(url: str, response: http.client.HTTPResponse, partial: Path, clock:
     if too_big:
         partial.unlink(missing_ok=True)
         raise _too_big(url, "sent", limits.max_bytes)
+    clock.check(offset + received)  # a body ended by the deadline's shutdown is not complete
     # http.client returns a short body without complaint when the server closes early.
     if expected is not None and received < expected:
         raise _Transient(f"connection closed after {offset + received} of {total} bytes")
