@@ -58,7 +58,8 @@ def _int_or_null(low: int, high: int | None = None) -> Check:
 
 def _float(low: float, high: float, *, include_low: bool = True, include_high: bool = True) -> Check:
     def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # NaN (`.nan` in YAML) compares false with both bounds, so it must be refused before them.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             return f"must be a number, got {value!r}"
         too_low = value < low if include_low else value <= low
         too_high = value > high if include_high else value >= high
@@ -100,13 +101,29 @@ def _regression(value: Any) -> str | None:
         if "noise" in rule and rule["noise"] not in ("interval", None):
             return f"{metric}.noise: must be interval (or null), got {rule['noise']!r}"
         for key in ("max_drop", "max_rise"):
-            if key in rule and (
-                isinstance(rule[key], bool) or not isinstance(rule[key], (int, float)) or rule[key] < 0
-            ):
+            if key in rule and not _is_tolerance(rule[key]):
                 return f"{metric}.{key}: must be a number 0 or more, got {rule[key]!r}"
         if "ignore" in rule and not isinstance(rule["ignore"], bool):
             return f"{metric}.ignore: must be true or false, got {rule['ignore']!r}"
     return None
+
+
+def _is_tolerance(value: Any) -> bool:
+    """A number 0 or more that the gate can compute with: not NaN (which would let every change through), not
+    an integer beyond any float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return float(value) >= 0  # False for NaN
+    except OverflowError:
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name longer than the file system takes: no such file either
+        return False
 
 
 def host_and_port(address: str) -> tuple[str, int] | None:
@@ -310,7 +327,7 @@ def _check_backbones(backbones: Any, root: Path, problems: list[str]) -> None:
             continue
         if not isinstance(weights, str):
             problems.append(f"{name}.weights: must be {', '.join(named)}, null or a path, got {weights!r}")
-        elif not (root / weights).is_file():
+        elif not _is_file(root / weights):
             problems.append(
                 f"{name}.weights: weights file {weights} not found; use {', '.join(named)}, null "
                 "or the path of a Keras weights file (relative to the project root or absolute)"
@@ -328,16 +345,25 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
     _check_section("", SCHEMA, params, problems)
     _check_backbones(params.get("backbones"), root, problems)
     backbones = params.get("backbones")
-    if isinstance(backbones, dict) and "model" in params and params["model"] not in backbones:
+    # Looked up among the keys as a list: a list or mapping given by mistake (`model: [vgg16]`) cannot be a
+    # dict key, and asking a dict for it would raise instead of saying so.
+    names = list(backbones) if isinstance(backbones, dict) else []
+    if isinstance(backbones, dict) and "model" in params and params["model"] not in names:
         problems.append(f"model: {params['model']!r} is not a backbone; valid: {', '.join(map(str, backbones))}")
     audit = params.get("audit")
     if isinstance(backbones, dict) and isinstance(audit, dict) and audit.get("backbone") is not None:
-        if audit["backbone"] not in backbones:
+        if audit["backbone"] not in names:
             problems.append(
                 f"audit.backbone: {audit['backbone']!r} is not a backbone; use one whose features are cached: "
                 f"{', '.join(map(str, backbones))}"
             )
-    return problems
+    return [on_one_line(problem) for problem in problems]
+
+
+def on_one_line(problem: str) -> str:
+    """`problem` with what does not print (a line break in a quoted YAML key or a value) escaped, so that each
+    problem stays one line."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in problem)
 
 
 def with_defaults(params: dict[str, Any]) -> dict[str, Any]:

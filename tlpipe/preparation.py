@@ -161,7 +161,7 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> int:
             # `target` is a fresh folder, so the path cannot lead outside it.
             dest = target.joinpath(*parts)
             if is_dir_entry(info):
-                dest.mkdir(parents=True, exist_ok=True)
+                make_folder(dest, info, archive)
                 continue
             budget -= extract_member(zf, info, dest, budget, archive)
     return ignored
@@ -207,6 +207,14 @@ def is_dir_entry(info: zipfile.ZipInfo) -> bool:
     return info.filename.endswith(("/", "\\"))
 
 
+def make_folder(dest: Path, info: zipfile.ZipInfo, archive: Path) -> None:
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a name too long for the file system, or a file entry of the same name before it
+        reason = error.strerror or type(error).__name__
+        raise PipelineError(f"{archive}: cannot create folder entry {info.filename!r} ({reason})") from None
+
+
 def extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget: int, archive: Path) -> int:
     """Write one entry to `dest`; return its size. Never writes more than `budget` bytes."""
     try:
@@ -215,7 +223,7 @@ def extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budge
             written = copy_limited(src, dst, budget)
     except FileExistsError:
         raise PipelineError(f"{archive}: entry {info.filename!r} appears twice; refusing the archive") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as error:  # ValueError: a name that is not UTF-8
         raise PipelineError(f"{archive} is damaged at entry {info.filename!r} ({error}); {REFETCH}") from None
     except (NotImplementedError, RuntimeError) as error:  # unsupported compression, encryption
         raise PipelineError(f"{archive}: cannot unpack entry {info.filename!r} ({error})") from None
@@ -363,7 +371,11 @@ def check_image(source: Path, png: Path) -> Checked:
             rgb = to_rgb(image)
         except Exception as error:  # e.g. a colour space Pillow cannot map to RGB
             return Checked(source, None, f"cannot convert to RGB ({error})")
-    rgb.save(png, format="PNG")
+    try:
+        rgb.save(png, format="PNG")
+    except OSError as error:  # e.g. a name the file system refuses once `.png` is added
+        source.unlink()
+        return Checked(source, None, f"cannot write its PNG copy ({error.strerror or type(error).__name__})")
     source.unlink()
     return Checked(source, png, converted_from=info.describe(), sha256=sha256_file(png))
 
