@@ -36,6 +36,7 @@ from tlpipe.download import (  # noqa: E402
     partial_path,
     read_record,
     redacted,
+    scrubbed,
     write_record,
 )
 from tlpipe.errors import PipelineError  # noqa: E402
@@ -860,6 +861,33 @@ def test_a_server_trickling_its_headers_cannot_outlast_the_deadline(server: Serv
     assert time.monotonic() - started < 2  # the server would go on for 10 s
 
 
+def trickle_tls_record(listener: socket.socket) -> None:
+    """Take a TLS hello, then announce a 16 KiB handshake record and send it one byte every 0.05 s."""
+    connection = listener.accept()[0]
+    with connection:
+        try:
+            connection.recv(4096)
+            connection.sendall(b"\x16\x03\x03\x40\x00")
+            for _ in range(200):
+                connection.sendall(b"\x00")
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+
+def test_a_trickled_tls_handshake_cannot_outlast_the_deadline(paths: dict[str, Path]) -> None:
+    """An https:// server whose handshake never ends (each byte well within the 30 s read timeout): the wait
+    for it is cut to what the deadline leaves, and the https:// opener keeps the connection watched."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=trickle_tls_record, args=(listener,), daemon=True).start()
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}/cats_and_dogs_filtered.zip"
+        started = time.monotonic()
+        with pytest.raises(PipelineError) as error:
+            fetch(url, paths["target"], None, partial_dir=paths["partial_dir"], limits=Limits(deadline_s=0.5))
+    assert "data.download_deadline" in assert_one_line(error) and url in str(error.value)
+    assert time.monotonic() - started < 2  # the server would go on for 10 s
+
+
 def test_a_length_over_the_cap_is_refused_before_the_body(server: Server, paths: dict[str, Path]) -> None:
     before = with_previous_archive(server, paths)
     server.handle = lambda request: stream(request, DATA[:2], 10 * 2**20, length=str(10**12))
@@ -1062,11 +1090,21 @@ def test_a_folder_given_through_a_link_is_packed(tmp_path: Path) -> None:
         ("https://h/d.zip#access_token=abc&state=1", "https://h/d.zip#access_token=***&state=1"),
         ("https://h/d.zip?Password=x&dl=1", "https://h/d.zip?Password=***&dl=1"),
         ("https://example.com/cats_and_dogs_filtered.zip", "https://example.com/cats_and_dogs_filtered.zip"),
+        (" http://u:pw@h/d.zip", " http://u:***@h/d.zip"),  # fetch strips the blank, and still fetches it
+        ("http://u:pw@[::1/d.zip?token=abc", "http://u:***@[::1/d.zip?token=***"),  # unparseable, still hidden
         ("/data/with:colon@sign/photos", "/data/with:colon@sign/photos"),  # a path, not a URL
     ],
 )
 def test_redacted_hides_passwords_and_token_values(url: str, shown: str) -> None:
     assert redacted(url) == shown
+
+
+def test_scrubbed_hides_secrets_a_library_quotes_outside_the_url() -> None:
+    url = "http://alice:pa55word!@host/d.zip?token=tok-1234567&sig=sig%2Dabcdef"
+    text = f"InvalidURL: nonnumeric port: 'pa55word!@host' (token tok-1234567, sig sig-abcdef) for {url}"
+    assert scrubbed(text, url) == (
+        "InvalidURL: nonnumeric port: '***@host' (token ***, sig ***) for http://alice:***@host/d.zip?token=***&sig=***"
+    )
 
 
 def secret_url(server: Server, token: str = "tok-1234567") -> str:

@@ -163,54 +163,67 @@ def redacted(url: str) -> str:
     """`url` as it may be shown and recorded: a password (or a lone user name, often a token) in it, and
     the value of every query or fragment key that looks like a secret, replaced by ***. Plain paths are
     returned as they are."""
-    match = SCHEME.match(url)
-    if not match:
+    parts = _url_parts(url)
+    if parts is None:
         return url
-    start = match.end()
+    scheme, userinfo, rest, query, fragment = parts
+    if userinfo is not None:
+        user, colon, _ = userinfo.partition(":")
+        rest = (f"{user}:{HIDDEN}@" if colon else f"{HIDDEN}@") + rest
+    query = f"?{_redacted_pairs(query)}" if query is not None else ""
+    fragment = f"#{_redacted_pairs(fragment)}" if fragment is not None else ""
+    return scheme + rest + query + fragment
+
+
+def _url_parts(url: str) -> tuple[str, str | None, str, str | None, str | None] | None:
+    """(blanks and scheme://, user info or None, host and path, query or None, fragment or None), split by
+    hand so that a URL urlsplit rejects (a broken [IPv6] host) is still redacted; None for a plain path."""
+    match = SCHEME.match(url.lstrip())  # url_scheme() allows leading blanks, so must this
+    if not match:
+        return None
+    start = len(url) - len(url.lstrip()) + match.end()
     end = next((i for i, char in enumerate(url[start:], start) if char in "/?#"), len(url))
     userinfo, at, host = url[start:end].rpartition("@")
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        userinfo = f"{user}:{HIDDEN}" if colon else HIDDEN
     rest, hash_mark, fragment = url[end:].partition("#")
     path, question, query = rest.partition("?")
     return (
-        url[:start]
-        + (f"{userinfo}@" if at else "")
-        + host
-        + path
-        + question
-        + _redacted_pairs(query)
-        + hash_mark
-        + _redacted_pairs(fragment)
+        url[:start],
+        userinfo if at else None,
+        host + path,
+        query if question else None,
+        fragment if hash_mark else None,
     )
+
+
+def _secret_pairs(text: str) -> Iterator[tuple[str, str]]:
+    """(key, value) of each `key=value` in a query or fragment whose key looks like a secret's."""
+    for pair in re.split(r"[&;]", text):
+        key, _, value = pair.partition("=")
+        if value and SECRET_KEY.search(unquote_plus(key)):
+            yield key, value
 
 
 def _redacted_pairs(text: str) -> str:
     """`a=1&token=x` with secret-looking keys' values hidden, the rest as written."""
-    pairs = []
-    for pair in re.split(r"([&;])", text):
-        key, equals, value = pair.partition("=")
-        secret = pair not in ("&", ";") and equals and value and SECRET_KEY.search(unquote_plus(key))
-        pairs.append(f"{key}={HIDDEN}" if secret else pair)
-    return "".join(pairs)
+    pieces = []
+    for piece in re.split(r"([&;])", text):  # the separators are kept as pieces of their own
+        key, _, value = piece.partition("=")
+        pieces.append(f"{key}={HIDDEN}" if value and SECRET_KEY.search(unquote_plus(key)) else piece)
+    return "".join(pieces)
 
 
 def _secrets(url: str) -> list[str]:
     """The parts of `url` that `redacted` hides, raw and decoded, longest first (to scrub other messages)."""
-    shown, found = redacted(url), set()
-    if shown == url:
+    parts = _url_parts(url)
+    if parts is None:
         return []
-    parts = urlsplit(url) if url_scheme(url) else None
-    if parts is not None and "@" in parts.netloc:
-        userinfo = parts.netloc.rpartition("@")[0]
+    _, userinfo, _, query, fragment = parts
+    found = set()
+    if userinfo is not None:
         user, colon, password = userinfo.partition(":")
-        found.update([password] if colon else [user])
-    for text in (parts.query, parts.fragment) if parts is not None else ():
-        for pair in re.split(r"[&;]", text):
-            key, _, value = pair.partition("=")
-            if value and SECRET_KEY.search(unquote_plus(key)):
-                found.add(value)
+        found.add(password if colon else user)
+    for text in (query or "", fragment or ""):
+        found.update(value for _, value in _secret_pairs(text))
     found |= {unquote_plus(secret) for secret in found} | {unquote(secret) for secret in found}
     # Very short values would blank out ordinary words; redacted() already hides them in the URL itself.
     return sorted((secret for secret in found if len(secret) >= 3), key=len, reverse=True)
