@@ -1,7 +1,8 @@
 """Stage `prepare`: unpack data/raw/dataset.zip safely, check every image and split the dataset.
 
 Writes data/prepared/ (built in a temporary sibling folder and renamed into place at the end):
-  images/        the unpacked archive; converted images replace their originals as `<name>.png`
+  images/        the images the manifest lists, as unpacked; converted images replace their originals as
+                 `<name>.png`; every other file the archive held is deleted and listed in report.json
   manifest.csv   path,label,split (train, val, test),sha256; paths relative to the project root
   classes.json   the sorted class names; a label's index is its position in this list
   report.json    classes, counts per split and class, skipped files, converted images, ignored entries,

@@ -261,7 +261,7 @@ def test_single_class_is_an_error_naming_the_folder(tmp_path, monkeypatch):
 
 def test_different_classes_in_validation_is_an_error_naming_both(tmp_path, monkeypatch):
     entries = two_level({"cats": 2, "dogs": 2}, {"cats": 1, "birds": 1})
-    with pytest.raises(PipelineError, match=r"dataset/train/ .*cats, dogs.*dataset/validation/ .*birds, cats"):
+    with pytest.raises(PipelineError, match=r"dataset/train/ .*'cats', 'dogs'.*dataset/validation/ .*'birds', 'cats'"):
         run_prepare(tmp_path, monkeypatch, entries)
 
 
@@ -532,6 +532,163 @@ def test_hidden_files_and_macosx_are_ignored(tmp_path, monkeypatch):
     assert not [p for p in images.rglob(".*")]
 
 
+def files_left(root: Path) -> set[str]:
+    """Every file under data/prepared/images, as the manifest spells paths."""
+    images = root / PREPARED_DIR / "images"
+    return {path.relative_to(root).as_posix() for path in images.rglob("*") if path.is_file()}
+
+
+def test_only_the_manifest_images_are_kept_and_every_other_file_is_listed_with_its_reason(tmp_path, monkeypatch):
+    # A 2 MB text file named like an image compresses to a few kilobytes: the shape of a 1 GB one, cheaply.
+    entries = two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1}) | {
+        "dataset/train/cats/huge.jpg": bytes(2_000_000),
+        "dataset/train/dogs/notes.txt": b"just some words\n",
+        "dataset/validation/cats/big.png": image_bytes("PNG", size=(100, 100)),
+        "dataset/README.md": b"# the dataset\n",
+        "LICENSE": b"CC-BY\n",
+    }
+    report, rows = run_prepare(tmp_path, monkeypatch, entries, max_image_pixels=5000)
+    assert files_left(tmp_path) == {row["path"] for row in rows} and len(rows) == 6
+    skipped = {item["path"].removeprefix("data/prepared/images/"): item["reason"] for item in report["skipped"]}
+    assert skipped == {
+        "dataset/train/cats/huge.jpg": "not an image",
+        "dataset/train/dogs/notes.txt": "not an image",
+        "dataset/validation/cats/big.png": skipped["dataset/validation/cats/big.png"],
+        "dataset/README.md": "not in a class folder",
+        "LICENSE": "not in a class folder",
+    }
+    assert skipped["dataset/validation/cats/big.png"].startswith("too many pixels")
+    kept_bytes = sum(path.stat().st_size for path in (tmp_path / PREPARED_DIR).rglob("*") if path.is_file())
+    assert kept_bytes < 100_000
+
+
+def test_a_file_that_cannot_be_converted_is_not_kept(tmp_path, monkeypatch):
+    def refuse(image):
+        raise ValueError("no such colour space")
+
+    monkeypatch.setattr(prepare_module, "to_rgb", refuse)
+    entries = two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1}) | {
+        "dataset/train/cats/g.png": image_bytes("PNG", "L")
+    }
+    report, rows = run_prepare(tmp_path, monkeypatch, entries)
+    assert files_left(tmp_path) == {row["path"] for row in rows}
+    assert [item["reason"] for item in report["skipped"]] == ["cannot convert to RGB (no such colour space)"]
+
+
+def entry_names(count: int) -> dict[str, bytes | None]:
+    return {f"dataset/extra/{i}.txt": b"" for i in range(count)}
+
+
+def test_an_archive_with_too_many_entries_is_refused_before_its_directory_is_read(tmp_path, monkeypatch):
+    entries = two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1}) | entry_names(20)
+    total = len(entries)
+    monkeypatch.chdir(tmp_path)
+    make_zip(tmp_path / RAW_ARCHIVE, entries)
+    settings = dataclasses.replace(SETTINGS, max_archive_entries=total - 1)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the central directory was read")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(prepare_module.zipfile, "ZipFile", never)
+        with pytest.raises(PipelineError) as error:
+            prepare(RAW_ARCHIVE, PREPARED_DIR, settings)
+    assert str(error.value) == (
+        f"data/raw/dataset.zip has {total} entries, more than data.max_archive_entries ({total - 1}); refusing it "
+        "before unpacking (raise the limit if you trust the archive)"
+    )
+    assert not (tmp_path / PREPARED_DIR).exists() and leftovers(tmp_path) == []
+    report = prepare(RAW_ARCHIVE, PREPARED_DIR, dataclasses.replace(settings, max_archive_entries=total))
+    assert report["total"] == 6  # the limit itself passes
+
+
+def test_an_end_record_that_understates_the_entries_is_caught_on_the_entries_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "declared_entry_count", lambda archive: 1)
+    entries = two_level({"cats": 2, "dogs": 2}, {"cats": 1, "dogs": 1})
+    with pytest.raises(PipelineError, match=r"has 6 entries, more than data\.max_archive_entries \(5\)"):
+        run_prepare(tmp_path, monkeypatch, entries, max_archive_entries=5)
+    assert not (tmp_path / PREPARED_DIR).exists()
+
+
+def test_the_zip64_end_record_count_is_read(tmp_path):
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(70_000):  # over 65,535: only the zip64 end record holds the count
+            zf.writestr(f"{i}", b"")
+    assert prepare_module.declared_entry_count(archive) == 70_000
+
+
+@pytest.mark.parametrize("name", ["...", "....", "…"])
+def test_a_class_folder_named_with_dots_only_is_a_class(tmp_path, monkeypatch, name):
+    entries = {
+        f"{folder}/{i}.jpg": image_bytes(seed=10 * n + i) for n, folder in enumerate([name, "cats"]) for i in range(3)
+    }
+    entries |= {".hidden/x.jpg": image_bytes(), "cats/.x.jpg": b"x"}
+    report, rows = run_prepare(tmp_path, monkeypatch, entries)
+    assert report["classes"] == sorted([name, "cats"]) and report["ignored"] == 2
+    assert {row["label"] for row in rows} == {name, "cats"}
+
+
+@pytest.mark.parametrize(
+    ("name", "hidden"),
+    [(".DS_Store", True), ("._a.jpg", True), (".git", True), (". ", True), ("...", False), ("a.", False)],
+)
+def test_hidden_means_a_dot_then_a_name(name, hidden):
+    assert prepare_module.is_hidden(name) is hidden
+
+
+def inner_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("cats/cat.jpg", image_bytes())
+    return buffer.getvalue()
+
+
+def test_an_archive_holding_only_an_archive_names_it_and_says_to_unpack_it(tmp_path, monkeypatch):
+    with pytest.raises(PipelineError) as error:
+        run_prepare(tmp_path, monkeypatch, {"pets.zip": inner_zip(), "readme.txt": b"hi"})
+    message = str(error.value)
+    assert "needs at least two class folders, found none" in message
+    assert "holds an archive inside it ('pets.zip'), which prepare does not unpack: unpack it" in message
+    assert "\n" not in message and not (tmp_path / PREPARED_DIR).exists()
+
+
+def test_class_folders_of_archives_name_the_first_few(tmp_path, monkeypatch):
+    names = ["cats/a.zip", "cats/b.tar.gz", "dogs/c.7z", "dogs/d.RAR"]
+    with pytest.raises(PipelineError) as error:
+        run_prepare(tmp_path, monkeypatch, {name: inner_zip() for name in names}, min_class_images=1)
+    message = str(error.value)
+    assert "class 'cats' has 0 usable images" in message
+    assert "holds 4 archives inside it ('cats/a.zip', 'cats/b.tar.gz', 'dogs/c.7z' and 1 more)" in message
+    assert message.endswith("unpack them and zip the folders of images instead")
+
+
+def test_an_error_without_inner_archives_says_nothing_of_them(tmp_path, monkeypatch):
+    with pytest.raises(PipelineError) as error:
+        run_prepare(tmp_path, monkeypatch, {"cats/a.jpg": b"text", "dogs/b.jpg": b"text"}, min_class_images=1)
+    assert "archive inside" not in str(error.value) and "archives inside" not in str(error.value)
+
+
+def test_odd_class_names_stay_on_one_line_and_round_trip_through_the_manifest(tmp_path, monkeypatch, capsys):
+    odd = ["ca\nts", "a|b", 'd,o"g']
+    # Only the first class is small: its warning is the one that names its folder.
+    entries = two_level({"ca\nts": 2, "a|b": 13, 'd,o"g': 13}, {name: 1 for name in odd})
+    report, rows = run_prepare(tmp_path, monkeypatch, entries)
+    assert report["classes"] == sorted(odd) and {row["label"] for row in rows} == set(odd)
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1, warning  # one line, the newline shown as \n
+    assert "class 'ca\\nts' has 1 training image after the split (from folder dataset/train/ca\\nts/ in" in warning
+    assert json.loads((tmp_path / "data/prepared/classes.json").read_text()) == sorted(odd)
+
+
+def test_a_newline_in_a_folder_name_stays_escaped_in_an_error(tmp_path, monkeypatch):
+    entries = class_images("", {"ca\nts": 2, "dogs": 3})
+    with pytest.raises(PipelineError) as error:
+        run_prepare(tmp_path, monkeypatch, entries)
+    message = str(error.value)
+    assert "\n" not in message and "folder ca\\nts/ in data/raw/dataset.zip (class 'ca\\nts')" in message
+
+
 # --- image checks and conversions -------------------------------------------------------------------------
 
 GOOD_JPEG = image_bytes(size=(60, 40), seed=5, quality=95)
@@ -588,7 +745,7 @@ def test_every_odd_file_is_kept_converted_or_skipped_with_its_reason(odd_run):
             assert converted[png]["original"] == original and converted[png]["from"], name
         else:
             assert outcome in skipped[original], (name, skipped.get(original))
-            assert original not in in_manifest
+            assert original not in in_manifest and not (root / original).exists(), name
     assert len(skipped) == sum(o not in ("kept", "converted") for o, _ in ODD_FILES.values())
     assert len(converted) == sum(o == "converted" for o, _ in ODD_FILES.values())
 

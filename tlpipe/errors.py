@@ -1,14 +1,26 @@
-"""User-facing errors: one line by default, the whole traceback with TL_TRACEBACK=1."""
+"""User-facing errors: one line by default, the whole traceback with TL_TRACEBACK=1.
+
+Also the one place that escapes names (class folders, file names from an archive, anything a user or a dataset
+chose) for the three kinds of text they end up in: one-line messages (`one_line`, `quoted`), Markdown
+(`markdown_cell`, `markdown_code`); CSV files are written by the csv module (or pandas, which uses it), which
+quotes separators, quotes and line breaks.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# How a character that does not print is shown; the others as \xNN, \uNNNN or \UNNNNNNNN, as Python writes them.
+CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Python keeps a file name's bytes that are not UTF-8 as these lone surrogates (PEP 383).
+SURROGATE_BYTES = range(0xDC80, 0xDD00)
 
 # Set to 1 to see the full traceback (with the original exception a one-line error replaced) of any error.
 TRACEBACK_VARIABLE = "TL_TRACEBACK"
@@ -16,6 +28,47 @@ TRACEBACK_VARIABLE = "TL_TRACEBACK"
 
 class PipelineError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
+
+
+def visible(text: str) -> str:
+    """`text` with every character that does not print (line breaks, tabs, control characters, Unicode line
+    separators, undecodable bytes) written as its escape, so it stays on one line and cannot move a terminal's
+    cursor. Leaves backslashes alone: for text already escaped, such as a whole message."""
+    return "".join(char if char.isprintable() else _escape_char(char) for char in text)
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if char in CONTROL_ESCAPES:
+        return CONTROL_ESCAPES[char]
+    if code in SURROGATE_BYTES:
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def one_line(text: str) -> str:
+    """A name on one line, unambiguously: backslashes doubled, then what does not print escaped (`visible`)."""
+    return visible(text.replace("\\", "\\\\"))
+
+
+def quoted(text: str) -> str:
+    """A name in a one-line message: `'<one_line(name)>'`, a quote inside escaped."""
+    return "'" + one_line(text).replace("'", "\\'") + "'"
+
+
+def markdown_cell(text: str) -> str:
+    """A name in a Markdown table cell: on one line (`one_line`), and `|` escaped so it cannot end the cell."""
+    return one_line(text).replace("|", "\\|")
+
+
+def markdown_code(text: str) -> str:
+    """A name as inline code in Markdown prose: on one line, fenced by more backticks than it holds."""
+    shown = one_line(text)
+    fence = "`" * (max((len(run) for run in re.findall("`+", shown)), default=0) + 1)
+    padded = f" {shown} " if shown.startswith("`") or shown.endswith("`") else shown
+    return f"{fence}{padded}{fence}"
 
 
 def first_line(error: BaseException) -> str:
@@ -88,7 +141,8 @@ def stage_main(main: Callable[..., Any]) -> Callable[..., Any]:
             if wants_traceback():
                 print_traceback(error)
             message = str(error) if isinstance(error, PipelineError) else unexpected(error)
-            print(f"error: {message}{recovery_hint(os.environ.get('DVC_STAGE'))}", file=sys.stderr)
+            # visible(): a name some message forgot to escape still cannot break the line.
+            print(f"error: {visible(message)}{recovery_hint(os.environ.get('DVC_STAGE'))}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tlpipe.download import redacted
+from tlpipe.errors import markdown_cell, markdown_code
 from tlpipe.export import FORMATS, KERAS
 from tlpipe.files import megabytes
 from tlpipe.paths import EXPORTS_DIR, SHIPPED_MODEL
@@ -148,8 +149,10 @@ def data_section(inputs: CardInputs) -> str:
         "|---|---:|---:|---:|",
     ]
     for name in report["classes"]:
+        # Class names are folder names from the archive: escaped so that a `|` or a line break stays in its cell.
         lines.append(
-            f"| {name} | {counts['train'].get(name, 0)} | {counts['val'].get(name, 0)} | {counts['test'].get(name, 0)} |"
+            f"| {markdown_cell(name)} | {counts['train'].get(name, 0)} | {counts['val'].get(name, 0)} "
+            f"| {counts['test'].get(name, 0)} |"
         )
     return "\n".join(lines)
 
@@ -159,7 +162,7 @@ def left_out(report: dict[str, Any]) -> str:
     classes = report.get("left_out", [])
     if not classes:
         return ""
-    names = ", ".join(f"`{item['class']}`" for item in classes)
+    names = ", ".join(markdown_code(item["class"]) for item in classes)
     return f"; {len(classes)} classes left out as too small ({names}): the model does not know them"
 
 
@@ -249,7 +252,7 @@ def formats_section(exports: dict[str, Any]) -> str:
 
 def use_section(inputs: CardInputs) -> str:
     metrics, audit = inputs.metrics, inputs.audit
-    classes = ", ".join(f"`{name}`" for name in inputs.report["classes"])
+    classes = ", ".join(markdown_code(name) for name in inputs.report["classes"])
     limits = [
         f"- It knows only these classes: {classes}. An image of anything else still gets one of them, often "
         "with high confidence; the outlier list (`reports/audit/outliers.csv`) shows which kinds of image "

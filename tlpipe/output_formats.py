@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
+from tlpipe.errors import one_line
 from tlpipe.prediction import Prediction
 
-TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 TEXT_DECIMALS = 4
 CSV_DECIMALS = 6
 # JSON carries whole probability rows, which programs score: at 8 decimals a row of even a thousand classes
@@ -26,8 +26,9 @@ def undecodable_bytes(text: str) -> str:
 
 
 def escape(text: str) -> str:
-    """`text` on one line: backslash, newline, carriage return and tab escaped as in a Python string."""
-    return undecodable_bytes(text.translate(TEXT_ESCAPES))
+    """`text` on one line: backslash, newline, carriage return, tab and every other character that does not
+    print escaped as in a Python string, undecodable bytes as `\\xNN` (tlpipe.errors.one_line)."""
+    return one_line(text)
 
 
 def json_record(prediction: Prediction) -> dict[str, Any]:

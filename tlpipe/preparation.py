@@ -1,7 +1,9 @@
 """Turning a dataset archive into checked images and a manifest: safe unpacking, image checks, seeded splits.
 
 What it writes (in a temporary sibling folder, renamed into place at the end) is described in
-stages/prepare.py. A class with fewer usable images than data.min_class_images, or too few in one folder to
+stages/prepare.py. Only the images the manifest lists stay in it: every other file the archive held (not an
+image, undecodable, too many pixels, outside the class folders) is deleted once checked, and listed in the
+report with its reason. A class with fewer usable images than data.min_class_images, or too few in one folder to
 reach every split, is left out and listed in the report; with data.min_class_images null, such a class stops
 the run instead, with one line naming the class, its folder and the images it needs.
 """
@@ -29,7 +31,7 @@ import numpy as np
 
 from tlpipe import progress
 from tlpipe.datasets import SPLITS
-from tlpipe.errors import PipelineError
+from tlpipe.errors import PipelineError, one_line, quoted
 from tlpipe.files import atomic_dir, sha256_file, write_json
 from tlpipe.images import ImageRejected, is_tf_ready, open_image, pixel_limit, to_rgb
 from tlpipe.paths import CLASSES, MANIFEST, REPORT
@@ -39,6 +41,23 @@ CLASS_TREE_LAYOUT = "class folders"
 CHUNK_BYTES = 1 << 20
 DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 REFETCH = "delete it and rerun `dvc repro -f fetch`"
+# Archives inside the archive are not unpacked (each would need its own limits); by these endings they are
+# named in the error that finds no classes or no images, so that the user knows to unpack them.
+ARCHIVE_SUFFIXES = (
+    ".zip",
+    ".tar",
+    ".tgz",
+    ".tar.gz",
+    ".tbz2",
+    ".tar.bz2",
+    ".txz",
+    ".tar.xz",
+    ".tar.zst",
+    ".7z",
+    ".rar",
+)
+# How many inner archives such an error names before `and N more`.
+SHOWN_ARCHIVES = 3
 # The fewest usable images a class folder needs so that the class reaches every split, by Layout.sources
 # key: train/<class> gives 1 validation and 1 training image, validation/<class> the test split, and a
 # single <class>/ tree 1 test, 1 validation and 1 training image (carve never takes a folder's last ones).
@@ -67,6 +86,8 @@ class Settings:
     # Classes with fewer usable images are left out (listed in the report); None: a class too small for
     # every split stops the run.
     min_class_images: int | None = None
+    # Archives with more entries (files and folders) are refused before anything is unpacked.
+    max_archive_entries: int = 1_000_000
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
@@ -78,6 +99,7 @@ class Settings:
             max_extract_bytes=data["max_extract_bytes"],
             max_image_pixels=data["max_image_pixels"],
             min_class_images=data["min_class_images"],
+            max_archive_entries=data["max_archive_entries"],
         )
 
 
@@ -107,15 +129,23 @@ def prepare(archive: Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
     archive, out_dir = Path(archive), Path(out_dir)
     with pixel_limit(settings.max_image_pixels), atomic_dir(out_dir) as build:
         images = build / "images"
-        ignored = extract_archive(archive, images, settings.max_extract_bytes)
-        layout = find_layout(images, archive)
-        files, unused = files_by_class_folder(layout, images)
-        checked = check_images(sorted((p for paths in files.values() for p in paths), key=Path.as_posix), images)
-        usable = {folder: usable_files(paths, checked) for folder, paths in files.items()}
-        shortfalls = class_shortfalls(layout, files, checked, usable, images, archive, settings.min_class_images)
-        if settings.min_class_images is None and shortfalls:
-            raise PipelineError(f"{next(iter(shortfalls.values()))}: add images or remove the class")
-        layout, left_out = leave_out(layout, shortfalls, usable, images)
+        ignored = extract_archive(archive, images, settings.max_extract_bytes, settings.max_archive_entries)
+        # Listed now: the image checks delete them with every other file that is not an image.
+        nested = inner_archives(images)
+        try:
+            layout = find_layout(images, archive)
+            files, unused = files_by_class_folder(layout, images)
+            checked = check_images(sorted((p for paths in files.values() for p in paths), key=Path.as_posix), images)
+            remove_files(unused)
+            usable = {folder: usable_files(paths, checked) for folder, paths in files.items()}
+            shortfalls = class_shortfalls(layout, files, checked, usable, images, archive, settings.min_class_images)
+            if settings.min_class_images is None and shortfalls:
+                raise PipelineError(f"{next(iter(shortfalls.values()))}: add images or remove the class")
+            layout, left_out = leave_out(layout, shortfalls, usable, images)
+        except PipelineError as error:
+            if not nested:
+                raise
+            raise PipelineError(f"{error}; {nested_archives_hint(nested, images, archive)}") from None
         rows = assign_splits(layout, usable, settings)
         warnings = small_class_warnings(layout, rows, images, archive)
         if line := small_class_line(warnings):
@@ -141,10 +171,11 @@ def public_path(path: Path, images: Path, out_dir: Path) -> str:
     return (out_dir / "images" / path.relative_to(images)).as_posix()
 
 
-def extract_archive(archive: Path, target: Path, max_bytes: int) -> int:
+def extract_archive(archive: Path, target: Path, max_bytes: int, max_entries: int) -> int:
     """Unpack `archive` into `target` safely; return how many hidden and __MACOSX entries were ignored."""
-    with open_archive(archive) as zf:
+    with open_archive(archive, max_entries) as zf:
         # Check every entry before writing anything, so a refused archive leaves nothing behind.
+        check_entry_count(archive, len(zf.infolist()), max_entries)
         entries = [(info, member_parts(info, archive)) for info in zf.infolist()]
         check_declared_size(archive, [info for info, _ in entries], max_bytes)
         target.mkdir(parents=True)
@@ -167,25 +198,49 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> int:
     return ignored
 
 
-def open_archive(archive: Path) -> zipfile.ZipFile:
+def open_archive(archive: Path, max_entries: int) -> zipfile.ZipFile:
     if not archive.is_file():
         raise PipelineError(f"{archive} not found; run `dvc repro fetch` first")
     try:
+        # The end record's count first: ZipFile reads the whole central directory into memory, about
+        # a kilobyte per entry, before anything could look at it.
+        if (declared := declared_entry_count(archive)) is not None:
+            check_entry_count(archive, declared, max_entries)
         return zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
         raise PipelineError(f"{archive} is not a valid zip archive ({error}); {REFETCH}") from None
+
+
+def declared_entry_count(archive: Path) -> int | None:
+    """The entry count the zip's end record declares (zip64 included), read as ZipFile itself reads it first;
+    None where this Python's zipfile lacks the reader or finds no end record (ZipFile then says what is wrong)."""
+    read_end = getattr(zipfile, "_EndRecData", None)
+    if read_end is None:
+        return None
+    with archive.open("rb") as file:
+        end = read_end(file)
+    return None if end is None else int(end[getattr(zipfile, "_ECD_ENTRIES_TOTAL", 4)])
+
+
+def check_entry_count(archive: Path, count: int, max_entries: int) -> None:
+    # Checked twice: on the end record's count, and on the entries read, in case the end record lies.
+    if count > max_entries:
+        raise PipelineError(
+            f"{archive} has {count:,} entries, more than data.max_archive_entries ({max_entries:,}); refusing "
+            "it before unpacking (raise the limit if you trust the archive)"
+        )
 
 
 def member_parts(info: zipfile.ZipInfo, archive: Path) -> tuple[str, ...]:
     """The entry's path components; refuse entries that could write outside the target folder."""
     name = info.filename.replace("\\", "/")  # Windows tools write backslashes; treat them as separators
     if name.startswith("/") or DRIVE_LETTER.match(name):
-        raise PipelineError(f"{archive}: entry {info.filename!r} has an absolute path; refusing the archive")
+        raise PipelineError(f"{archive}: entry {quoted(info.filename)} has an absolute path; refusing the archive")
     parts = tuple(part for part in name.split("/") if part not in ("", "."))
     if ".." in parts:
-        raise PipelineError(f"{archive}: entry {info.filename!r} points outside the archive (..); refusing it")
+        raise PipelineError(f"{archive}: entry {quoted(info.filename)} points outside the archive (..); refusing it")
     if stat.S_ISLNK(info.external_attr >> 16):
-        raise PipelineError(f"{archive}: entry {info.filename!r} is a symbolic link; refusing the archive")
+        raise PipelineError(f"{archive}: entry {quoted(info.filename)} is a symbolic link; refusing the archive")
     return parts
 
 
@@ -200,7 +255,13 @@ def check_declared_size(archive: Path, infos: list[zipfile.ZipInfo], max_bytes: 
 
 def is_ignored(parts: tuple[str, ...]) -> bool:
     # macOS metadata and hidden files (.DS_Store, ._x.jpg, .git/...) are never images of the dataset.
-    return parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts)
+    return parts[0] == "__MACOSX" or any(is_hidden(part) for part in parts)
+
+
+def is_hidden(name: str) -> bool:
+    """A dotfile: a dot, then a name. A name of dots only (`...`; `.` and `..` never get here) is an odd
+    name, not a hidden one, so a class folder called that stays a class instead of vanishing unreported."""
+    return name.startswith(".") and name.strip(".") != ""
 
 
 def is_dir_entry(info: zipfile.ZipInfo) -> bool:
@@ -212,7 +273,7 @@ def make_folder(dest: Path, info: zipfile.ZipInfo, archive: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a name too long for the file system, or a file entry of the same name before it
         reason = error.strerror or type(error).__name__
-        raise PipelineError(f"{archive}: cannot create folder entry {info.filename!r} ({reason})") from None
+        raise PipelineError(f"{archive}: cannot create folder entry {quoted(info.filename)} ({reason})") from None
 
 
 def extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget: int, archive: Path) -> int:
@@ -222,16 +283,16 @@ def extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budge
         with zf.open(info) as src, dest.open("xb") as dst:  # "x": a repeated entry must not overwrite
             written = copy_limited(src, dst, budget)
     except FileExistsError:
-        raise PipelineError(f"{archive}: entry {info.filename!r} appears twice; refusing the archive") from None
+        raise PipelineError(f"{archive}: entry {quoted(info.filename)} appears twice; refusing the archive") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as error:  # ValueError: a name that is not UTF-8
-        raise PipelineError(f"{archive} is damaged at entry {info.filename!r} ({error}); {REFETCH}") from None
+        raise PipelineError(f"{archive} is damaged at entry {quoted(info.filename)} ({error}); {REFETCH}") from None
     except (NotImplementedError, RuntimeError) as error:  # unsupported compression, encryption
-        raise PipelineError(f"{archive}: cannot unpack entry {info.filename!r} ({error})") from None
+        raise PipelineError(f"{archive}: cannot unpack entry {quoted(info.filename)} ({error})") from None
     except OSError as error:
-        raise PipelineError(f"{archive}: cannot write entry {info.filename!r} ({error})") from None
+        raise PipelineError(f"{archive}: cannot write entry {quoted(info.filename)} ({error})") from None
     if written > budget:
         raise PipelineError(
-            f"{archive}: entry {info.filename!r} unpacks to more bytes than its header declares, past "
+            f"{archive}: entry {quoted(info.filename)} unpacks to more bytes than its header declares, past "
             "data.max_extract_bytes; refusing a possible zip bomb"
         )
     return written
@@ -280,8 +341,8 @@ def split_layout(images: Path, root: Path, archive: Path) -> Layout:
     test_classes = [folder.name for folder in subfolders(test)]
     if test_classes != classes:
         raise PipelineError(
-            f"{shown(train, images, archive)} has classes {', '.join(classes)} but "
-            f"{shown(test, images, archive)} has {', '.join(test_classes) or 'none'}; they must match"
+            f"{shown(train, images, archive)} has classes {', '.join(map(quoted, classes))} but "
+            f"{shown(test, images, archive)} has {', '.join(map(quoted, test_classes)) or 'none'}; they must match"
         )
     return Layout(SPLIT_LAYOUT, root, classes, {"train": train, "test": test})
 
@@ -300,7 +361,7 @@ def class_tree_layout(images: Path, archive: Path) -> Layout:
 def class_names(folder: Path, images: Path, archive: Path) -> list[str]:
     names = [child.name for child in subfolders(folder)]
     if len(names) < 2:
-        found = f"only {names[0]!r}" if names else "none"
+        found = f"only {quoted(names[0])}" if names else "none"
         raise PipelineError(
             f"{shown(folder, images, archive)} needs at least two class folders, found {found}; "
             "expected <root>/train/<class>/ and <root>/validation/<class>/, or <class>/ folders"
@@ -328,7 +389,7 @@ def all_files(folder: Path) -> list[Path]:
 def shown(folder: Path, images: Path, archive: Path) -> str:
     """How the user finds `folder`: its path inside the archive."""
     inside = folder.relative_to(images).as_posix()
-    return f"folder {inside + '/' if inside != '.' else '(top level)'} in {archive}"
+    return f"folder {one_line(inside) + '/' if inside != '.' else '(top level)'} in {archive}"
 
 
 # --- checking the images ---------------------------------------------------------------------------
@@ -359,10 +420,12 @@ def png_names(files: list[Path], existing: set[Path]) -> dict[Path, Path]:
 
 
 def check_image(source: Path, png: Path) -> Checked:
-    """Keep `source`, rewrite it as the 8-bit RGB PNG `png`, or skip it with the reason."""
+    """Keep `source`, rewrite it as the 8-bit RGB PNG `png`, or skip it with the reason and delete it: a file
+    that is not a usable image has no place in the prepared data (DVC would cache it, at any size)."""
     try:
         image, info = open_image(source)
     except ImageRejected as rejected:
+        source.unlink(missing_ok=True)
         return Checked(source, None, rejected.reason)
     with image:
         if is_tf_ready(info):
@@ -370,6 +433,7 @@ def check_image(source: Path, png: Path) -> Checked:
         try:
             rgb = to_rgb(image)
         except Exception as error:  # e.g. a colour space Pillow cannot map to RGB
+            source.unlink()
             return Checked(source, None, f"cannot convert to RGB ({error})")
     try:
         rgb.save(png, format="PNG")
@@ -378,6 +442,28 @@ def check_image(source: Path, png: Path) -> Checked:
         return Checked(source, None, f"cannot write its PNG copy ({error.strerror or type(error).__name__})")
     source.unlink()
     return Checked(source, png, converted_from=info.describe(), sha256=sha256_file(png))
+
+
+def remove_files(paths: list[Path]) -> None:
+    """Delete files the report lists as skipped without checking them (outside every class folder)."""
+    for path in paths:
+        path.unlink()
+
+
+def inner_archives(images: Path) -> list[Path]:
+    """The files under `images` whose names end like an archive (ARCHIVE_SUFFIXES)."""
+    return [path for path in all_files(images) if path.name.lower().endswith(ARCHIVE_SUFFIXES)]
+
+
+def nested_archives_hint(nested: list[Path], images: Path, archive: Path) -> str:
+    """What to do about archives inside the archive, which prepare does not unpack, naming the first few."""
+    names = ", ".join(quoted(path.relative_to(images).as_posix()) for path in nested[:SHOWN_ARCHIVES])
+    more = f" and {len(nested) - SHOWN_ARCHIVES} more" if len(nested) > SHOWN_ARCHIVES else ""
+    what = "an archive" if len(nested) == 1 else f"{len(nested)} archives"
+    return (
+        f"{archive} holds {what} inside it ({names}{more}), which prepare does not unpack: unpack "
+        f"{'it' if len(nested) == 1 else 'them'} and zip the folders of images instead"
+    )
 
 
 def usable_files(files: list[Path], checked: dict[Path, Checked]) -> list[Path]:
@@ -403,7 +489,7 @@ def class_shortfalls(
         total = sum(len(usable[root / label]) for root in layout.sources.values())
         if minimum is not None and total < minimum:
             shortfalls[label] = (
-                f"class {label!r} has {total} usable image{'s' if total != 1 else ''}, fewer than "
+                f"class {quoted(label)} has {total} usable image{'s' if total != 1 else ''}, fewer than "
                 f"data.min_class_images ({minimum})"
             )
             continue
@@ -412,7 +498,7 @@ def class_shortfalls(
             if len(usable[folder]) < NEEDED[source]:
                 found = usable_count(files[folder], checked, len(usable[folder]))
                 shortfalls[label] = (
-                    f"{shown(folder, images, archive)} (class {label!r}) has {found}; the class needs at least "
+                    f"{shown(folder, images, archive)} (class {quoted(label)}) has {found}; the class needs at least "
                     f"{NEEDED[source]} there ({NEEDED_FOR[source]})"
                 )
                 break
@@ -428,7 +514,7 @@ def leave_out(
         return layout, []
     classes = [label for label in layout.classes if label not in shortfalls]
     if len(classes) < 2:
-        kept = f"only {classes[0]!r} is" if classes else "no class is"
+        kept = f"only {quoted(classes[0])} is" if classes else "no class is"
         raise PipelineError(
             f"{len(shortfalls)} of {len(layout.classes)} classes are too small to keep and {kept} left; the "
             f"first: {next(iter(shortfalls.values()))}; add images or lower data.min_class_images"
@@ -439,7 +525,7 @@ def leave_out(
         left_out.append({"class": label, "usable_images": images_found, "reason": reason})
         for root in layout.sources.values():
             shutil.rmtree(root / label)
-    named = ", ".join(f"{item['class']!r} ({item['usable_images']})" for item in left_out[:SHOWN_CLASSES])
+    named = ", ".join(f"{quoted(item['class'])} ({item['usable_images']})" for item in left_out[:SHOWN_CLASSES])
     more = f" and {len(left_out) - SHOWN_CLASSES} more" if len(left_out) > SHOWN_CLASSES else ""
     print(
         f"prepare: left out {len(left_out)} of {len(layout.classes)} classes too small to reach every split or "
@@ -454,7 +540,7 @@ def usable_count(files: list[Path], checked: dict[Path, Checked], usable: int) -
     if not files:
         return "no files"
     skipped = [checked[path] for path in files if checked[path].path is None]
-    example = f"e.g. {skipped[0].source.name}: {skipped[0].reason}" if skipped else ""
+    example = f"e.g. {one_line(skipped[0].source.name)}: {one_line(skipped[0].reason)}" if skipped else ""
     if not usable:
         return f"no usable images: all {len(files)} files were skipped ({example})"
     count = f"{usable} usable image{'s' if usable != 1 else ''}"
@@ -474,7 +560,7 @@ def small_class_warnings(
     for label, count in train.items():
         if count < MIN_TRAIN_IMAGES:
             message = (
-                f"class {label!r} has {count} training image{'s' if count != 1 else ''} after the split "
+                f"class {quoted(label)} has {count} training image{'s' if count != 1 else ''} after the split "
                 f"(from {shown(source / label, images, archive)}), under the recommended minimum of "
                 f"{MIN_TRAIN_IMAGES}; its scores rest on very few images, so add images if you can"
             )
@@ -489,7 +575,7 @@ def small_class_line(warnings: list[dict[str, Any]]) -> str | None:
     if len(warnings) == 1:
         return warnings[0]["message"]
     ordered = sorted(warnings, key=lambda warning: (warning["train_images"], warning["class"]))
-    named = ", ".join(f"{w['class']!r} ({w['train_images']})" for w in ordered[:SHOWN_CLASSES])
+    named = ", ".join(f"{quoted(w['class'])} ({w['train_images']})" for w in ordered[:SHOWN_CLASSES])
     more = f" and {len(warnings) - SHOWN_CLASSES} more" if len(warnings) > SHOWN_CLASSES else ""
     return (
         f"{len(warnings)} classes have fewer than {MIN_TRAIN_IMAGES} training images after the split, the "
