@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from tlpipe.errors import PipelineError, print_traceback, unexpected, wants_traceback
+from tlpipe.errors import PipelineError, print_traceback, unexpected, visible, wants_traceback
 from tlpipe.files import write_text
 from tlpipe.gate import FAILING, BaselineError, check_revision, judge_all, markdown, metrics_diff, unreadable_line
 from tlpipe.params import load_params
@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return check(args.baseline, args.output)
     except (BaselineError, PipelineError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {visible(str(error))}", file=sys.stderr)
     except Exception as error:  # noqa: BLE001 - no traceback reaches CI's log, and the gate never passes by accident
         if wants_traceback():
             print_traceback(error)
-        print(f"error: {unexpected(error)}", file=sys.stderr)
+        print(f"error: {visible(unexpected(error))}", file=sys.stderr)
     return CANNOT_COMPARE_EXIT
 
 
@@ -57,7 +57,7 @@ def check(baseline: str, output: Path | None) -> int:
     table = markdown(rows, baseline, comparison.unreadable)
     print(table)
     for file, why in sorted(comparison.unreadable.items()):
-        print(f"error: {unreadable_line(file, why)}", file=sys.stderr)
+        print(f"error: {visible(unreadable_line(file, why))}", file=sys.stderr)
     if output:
         try:
             write_text(output, table)

@@ -329,6 +329,6 @@ def test_dvc_results_split_into_metrics_absent_files_and_unreadable_ones() -> No
 def test_table_cells_keep_their_row_whatever_the_values_hold() -> None:
     rows = judge_all({"metrics/x.json": {"a|b": {"old": "one\nline|two", "new": "one\nline|two"}}}, {"default": {}})
     table = markdown(rows, "main`", {"metrics/y.json": "bad | worse"})
-    assert "| a\\|b | x | one line\\|two | one line\\|two |" in table
-    assert table.startswith("### Metrics against `main`: **1 unreadable file**")
+    assert "| a\\|b | x | one\\nline\\|two | one\\nline\\|two |" in table
+    assert table.startswith("### Metrics against `` main` ``: **1 unreadable file**")
     assert "metrics/y.json cannot be read (bad \\| worse)" in table

@@ -16,7 +16,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from tlpipe.errors import first_line
+from tlpipe.errors import first_line, markdown_cell, markdown_code
 
 OK, REGRESSED, NEW, MISSING, IGNORED, CHANGED = "ok", "REGRESSED", "new", "MISSING", "ignored", "changed"
 FAILING = {REGRESSED, MISSING}
@@ -208,11 +208,11 @@ def is_number(value: Any) -> bool | str:
     try:
         finite = math.isfinite(value)
     except OverflowError:  # an integer beyond any float
-        return f"too large to compare: {quoted(value)}"
-    return True if finite else f"not a finite number: {quoted(value)}"
+        return f"too large to compare: {shortened(value)}"
+    return True if finite else f"not a finite number: {shortened(value)}"
 
 
-def quoted(value: Any) -> str:
+def shortened(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= QUOTED_CHARS else f"{text[: QUOTED_CHARS - 1]}…"
 
@@ -227,7 +227,7 @@ def unusable(old: Any, new: Any) -> str:
     numeric = [value is not None and check is True for value, check in checks.values()]
     if any(numeric) and old is not None and new is not None and not all(numeric):
         side, value = ("new", new) if numeric[0] else ("baseline", old)
-        return f"{side} value not a number: {quoted(value)}"
+        return f"{side} value not a number: {shortened(value)}"
     return ""
 
 
@@ -298,7 +298,7 @@ def headline(rows: list[Row], unreadable: int = 0) -> str:
 
 def cell(value: Any) -> str:
     """Text for one Markdown table cell: a `|` or a line break in a name or value would split the row."""
-    return " ".join(str(value).split()).replace("|", "\\|")
+    return markdown_cell(str(value))
 
 
 def markdown(rows: list[Row], baseline: str, unreadable: dict[str, str] | None = None) -> str:
@@ -306,11 +306,11 @@ def markdown(rows: list[Row], baseline: str, unreadable: dict[str, str] | None =
         if value is None:
             return "–"
         if isinstance(value, int) and len(str(value)) > QUOTED_CHARS:
-            return quoted(value)  # an integer of hundreds of digits would stretch the table
+            return shortened(value)  # an integer of hundreds of digits would stretch the table
         return f"{value:.4f}" if isinstance(value, float) else cell(value)
 
     lines = [
-        f"### Metrics against `{cell(baseline).replace('`', '')}`: {headline(rows, len(unreadable or {}))}",
+        f"### Metrics against {markdown_code(baseline)}: {headline(rows, len(unreadable or {}))}",
         "",
         *(f"- **{cell(unreadable_line(file, why))}**" for file, why in sorted((unreadable or {}).items())),
         *([""] if unreadable else []),

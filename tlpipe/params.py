@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from tlpipe.backbones import PRECISIONS, REGISTRY
-from tlpipe.errors import PipelineError
+from tlpipe.errors import PipelineError, visible
 
 PARAMS_FILE = Path("params.yaml")
 # When set to a folder, each stage writes there which parameters it read (tests/test_dependencies.py
@@ -359,13 +359,8 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
                 f"audit.backbone: {audit['backbone']!r} is not a backbone; use one whose features are cached: "
                 f"{', '.join(map(str, backbones))}"
             )
-    return [on_one_line(problem) for problem in problems]
-
-
-def on_one_line(problem: str) -> str:
-    """`problem` with what does not print (a line break in a quoted YAML key or a value) escaped, so that each
-    problem stays one line."""
-    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in problem)
+    # A key or value may hold a line break (a quoted YAML key can): escaped, each problem stays one line.
+    return [visible(problem) for problem in problems]
 
 
 def with_defaults(params: dict[str, Any]) -> dict[str, Any]:
