@@ -1,5 +1,5 @@
 r"""Classify images with the shipped model: `tl-predict PATH... [--format text|json|csv] [--model FILE]
-[--batch-size N]`.
+[--batch-size N] [--max-pixels N]`.
 
 PATHs are image files or folders (searched recursively for image files). `tl-predict` is the console script
 that `pip install -e .` (the README's setup) puts in the virtualenv's bin/, so it runs from any folder;
@@ -12,7 +12,13 @@ probabilities (the export stage checks them), several times faster on a CPU (ben
 
 Images are decoded ahead of the model by a thread per core and classified --batch-size at a time (default
 16); results print as each batch is done. --batch-size 1 classifies each image at its own size, as the model
-was called before batching; batched results equal it to 1e-5.
+was called before batching; batched results equal it to 1e-5. Each file is decoded once, in 8-bit, and
+resized before it becomes float32; the images held ahead of the model are bounded in bytes as well as in
+number, so a few huge files are decoded one after another instead of all at once.
+
+An image with more pixels than --max-pixels is refused before it is decoded, with its own error line. The
+default is `data.max_image_pixels` of params.yaml in the current folder if it sets one, else of the project's
+params.yaml (the limit training applied), else Pillow's default.
 
 Output, on stdout:
   text  one line per image: `path<TAB>class<TAB>probability` (4 decimals). So that every image is exactly one
@@ -22,7 +28,7 @@ Output, on stdout:
   json  a list of {path, label, probability, probabilities, error} (probabilities to 8 decimals).
 A file that cannot be read gets its own `error: PATH: REASON` line on stderr (escaped like text output) and the
 rest go on. Exit code: 0 when every image was classified, 1 when any failed, 2 when the model or its
-labels.json cannot be loaded.
+labels.json cannot be loaded, or params.yaml's pixel limit is not a whole number above 0.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ import time
 from pathlib import Path
 
 from tlpipe.errors import PipelineError
+from tlpipe.images import pixel_limit
 from tlpipe.output_formats import escape, report_error, write_predictions
 from tlpipe.paths import SHIPPED_MODEL
 from tlpipe.prediction import (
     PREDICT_BATCH,
     PROJECT_ROOT,
+    default_max_pixels,
     default_model,
     image_files,
     load_classifier,
@@ -51,7 +59,8 @@ def argument_parser() -> argparse.ArgumentParser:
         prog="tl-predict",
         # The whole first paragraph: its first line alone would end inside the usage's backticks.
         description=" ".join(__doc__.split("\n\n")[0].split()),
-        epilog="Exit code: 0 all classified, 1 some failed, 2 the model or its labels.json cannot be loaded.",
+        epilog="Exit code: 0 all classified, 1 some failed, 2 the model or its labels.json cannot be loaded "
+        "(or params.yaml's data.max_image_pixels is invalid).",
     )
     parser.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     parser.add_argument(
@@ -67,6 +76,13 @@ def argument_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=PREDICT_BATCH,
         help=f"images classified per call (default {PREDICT_BATCH}); 1: one at a time, each at its own size",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=None,
+        help="refuse images with more pixels than this (default: data.max_image_pixels of params.yaml in the "
+        "current folder, else of the project's params.yaml, else Pillow's default)",
     )
     parser.add_argument(
         "--uncalibrated",
@@ -88,14 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         classifier = load_classifier(model_path, "run dvc repro (or pass --model)")
         temperature = 1.0 if args.uncalibrated else read_temperature(model_path)
+        max_pixels = args.max_pixels or default_max_pixels(Path.cwd())
     except PipelineError as error:
         print(f"error: {escape(str(error))}", file=sys.stderr)
         return 2
     missing = [p for p in args.paths if not p.exists()]
     files = image_files(p for p in args.paths if p.exists())
     started = time.perf_counter()
-    predictions = predict_files(classifier, files, temperature, args.batch_size)
-    classified, failed = write_predictions(predictions, args.format, sys.stdout)
+    with pixel_limit(max_pixels):
+        predictions = predict_files(classifier, files, temperature, args.batch_size)
+        classified, failed = write_predictions(predictions, args.format, sys.stdout)
     for path in missing:
         report_error(path, "no such file or folder")
     failed += len(missing)

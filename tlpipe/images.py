@@ -7,6 +7,8 @@ alpha and bit depth, so anything that is not a plain 8-bit RGB JPEG/PNG is norma
 from __future__ import annotations
 
 import contextlib
+import os
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,8 +68,12 @@ def pixel_limit(max_pixels: int) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def open_image(path: Path) -> tuple[Image.Image, ImageInfo]:
-    """Open `path`, check it and decode it fully; raise ImageRejected with the reason when it is unusable."""
+def open_image(path: Path, decode_tf_ready: bool = True) -> tuple[Image.Image, ImageInfo]:
+    """Open `path`, check it and decode it fully; raise ImageRejected with the reason when it is unusable.
+
+    decode_tf_ready=False: a file TensorFlow reads as it is (is_tf_ready) is checked but left undecoded, for a
+    caller that decodes it with TensorFlow: decoding it here too would hold the pixels twice.
+    """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -79,7 +85,8 @@ def open_image(path: Path) -> tuple[Image.Image, ImageInfo]:
         image = Image.open(path)
         try:
             info = _info(image)
-            image.load()
+            if decode_tf_ready or not is_tf_ready(info):
+                image.load()
         except BaseException:
             image.close()
             raise
@@ -137,15 +144,39 @@ def _info(image: Image.Image) -> ImageInfo:
         args = image.tile[0].args
         tile_mode = args if isinstance(args, str) else (args[0] if args else "")
     bits = 16 if "16" in str(tile_mode) or image.mode.startswith("I") else 8
-    orientation = image.getexif().get(ORIENTATION, 1)
     return ImageInfo(
         format=image.format or "unknown",
         mode=image.mode,
         size=image.size,
         bits=bits,
-        orientation=orientation if isinstance(orientation, int) else 1,
+        orientation=_orientation(image),
         transparency=image.has_transparency_data,
     )
+
+
+def _orientation(image: Image.Image) -> int:
+    # A PNG's getexif() decodes all its pixels to look for an eXIf chunk after them; one without that chunk
+    # is upright, which its list of chunks tells without decoding (predict decodes it with TensorFlow instead).
+    filename = getattr(image, "filename", "")
+    if image.format == "PNG" and "exif" not in image.info and filename and not _png_has_exif_chunk(filename):
+        return 1
+    orientation = image.getexif().get(ORIENTATION, 1)
+    return orientation if isinstance(orientation, int) else 1
+
+
+def _png_has_exif_chunk(path: str) -> bool:
+    """Whether the PNG file holds an eXIf chunk; True also where its chunks are damaged, so that Pillow's
+    decoder is the one that says how."""
+    with open(path, "rb") as file:
+        file.seek(8)  # the signature
+        while len(header := file.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"eXIf":
+                return True
+            if kind == b"IEND":
+                return False
+            file.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return True
 
 
 def _sixteen_to_eight_bit(image: Image.Image) -> Image.Image:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+from PIL import Image
 
 from tlpipe.errors import PipelineError, first_line
 from tlpipe.files import read_json
@@ -37,6 +39,14 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 PREDICT_BATCH = 16
 # Images decoded ahead of the model, at least: enough that a slow file does not leave the model idle.
 DECODE_AHEAD = 32
+# Bytes of images held by the decoders and the queue ahead of the model. Counting images alone let four
+# 9400 x 9400 files, each a few hundred MB decoded, be held at once; a file bigger than this on its own is
+# decoded alone, so that every image under the pixel limit can still be classified.
+DECODE_BUDGET = 256 * 2**20
+# Bytes a pixel takes while decoding: Pillow keeps RGB in 4 bytes a pixel (TensorFlow in 3).
+DECODING_BYTES_PER_PIXEL = 4
+# Pillow's own limit (its default, as in params.yaml): what predict refuses outside a project.
+DEFAULT_MAX_PIXELS = 89478485
 
 
 @dataclass
@@ -71,6 +81,29 @@ def image_files(paths: Iterable[Path]) -> list[Path]:
         else:
             found.append(path)
     return found
+
+
+def default_max_pixels(cwd: Path, project_root: Path = PROJECT_ROOT) -> int:
+    """The pixel limit: `data.max_image_pixels` of params.yaml in `cwd` if it sets one, else of the project
+    that holds this code, else Pillow's default; training refused bigger images, so predict does too."""
+    for path in (cwd / "params.yaml", project_root / "params.yaml"):
+        if not path.is_file():
+            continue
+        try:
+            params = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise PipelineError(f"cannot read {path}: {first_line(error)}; fix it or pass --max-pixels") from None
+        data = params.get("data") if isinstance(params, dict) else None
+        if not isinstance(data, dict) or "max_image_pixels" not in data:
+            continue
+        value = data["max_image_pixels"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PipelineError(
+                f"{path}: data.max_image_pixels must be a whole number above 0, got {value!r}; "
+                "fix it or pass --max-pixels"
+            )
+        return value
+    return DEFAULT_MAX_PIXELS
 
 
 def check_model_file(path: Path, remedy: str) -> None:
@@ -185,22 +218,19 @@ def resizing_size(model: Any) -> tuple[int, int] | None:
     return (first.height, first.width) if isinstance(first, keras.layers.Resizing) else None
 
 
-def read_pixels(path: Path) -> np.ndarray:
-    """Checked, upright 8-bit RGB pixels as float32.
+def decode(path: Path) -> Any:
+    """Checked, upright 8-bit RGB pixels [H, W, 3] (uint8), each file decoded once.
 
     Files TensorFlow reads as they are go through the same decoder as training (tf.io.decode_image), so
-    served pixels equal trained pixels; the rest (EXIF-rotated, CMYK, 16-bit, ...) are converted by Pillow.
+    served pixels equal trained pixels, and stay TensorFlow's tensor: a NumPy copy would hold them twice. The
+    rest (EXIF-rotated, CMYK, 16-bit, ...) are converted by Pillow, to a NumPy array. Pixels stay 8-bit: a
+    float32 copy at full size would take four times the memory.
     """
-    image, info = open_image(path)
+    image, info = open_image(path, decode_tf_ready=False)
     try:
         if is_tf_ready(info):
-            import tensorflow as tf
-
-            # As bytes: a file name that is not UTF-8 cannot become a TensorFlow string otherwise.
-            contents = tf.io.read_file(os.fsencode(path))
-            decoded = tf.io.decode_image(contents, channels=3, expand_animations=False)
-            return decoded.numpy().astype(np.float32)
-        return np.asarray(to_rgb(image), dtype=np.float32)
+            return tf_decoded(path)
+        return np.asarray(to_rgb(image))
     except ImageRejected:
         raise
     except Exception as error:  # a file Pillow accepted but TensorFlow or the RGB conversion did not
@@ -211,12 +241,49 @@ def read_pixels(path: Path) -> np.ndarray:
         image.close()
 
 
-def resized(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """What the shipped model's Resizing layer does first (bilinear, as keras.layers.Resizing), done here so
-    that images of any size can share a batch."""
+def tf_decoded(path: Path) -> Any:
+    """TensorFlow's decoding of a file is_tf_ready accepts; where it fails, Pillow's decoding names why
+    (truncated, ...), which only TensorFlow's generic message would otherwise hide."""
     import tensorflow as tf
 
-    return tf.image.resize(pixels, size).numpy()
+    try:
+        # As bytes: a file name that is not UTF-8 cannot become a TensorFlow string otherwise.
+        contents = tf.io.read_file(os.fsencode(path))
+        return tf.io.decode_image(contents, channels=3, expand_animations=False)
+    except tf.errors.OpError:
+        open_image(path)[0].close()  # raises ImageRejected with Pillow's reason, if it has one
+        raise
+
+
+def read_pixels(path: Path) -> np.ndarray:
+    """decode's pixels as float32 at full size: an image as the model is given it at --batch-size 1."""
+    return np.asarray(decode(path)).astype(np.float32)
+
+
+def resized(pixels: Any, size: tuple[int, int]) -> np.ndarray:
+    """What the shipped model's Resizing layer does first (bilinear, as keras.layers.Resizing), done here so
+    that images of any size can share a batch. 8-bit pixels are resized as they are: the same kernel reads
+    them as floats, so only the resized image is ever float32."""
+    import tensorflow as tf
+
+    return tf.image.resize(pixels, size).numpy().astype(np.float32, copy=False)
+
+
+def read_resized(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A file decoded once and resized as the model would, float32 at the model's input size."""
+    return resized(decode(path), size)
+
+
+def decoding_bytes(path: Path, full_size_float: bool) -> int:
+    """An estimate, from the file's header, of the bytes one image holds while it is decoded and after:
+    its decoded pixels, and its float32 copy where the model gets the image at its own size. 0 for a file
+    whose header does not open: it is refused before it is decoded."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - the decoder names what is wrong; this is only an estimate
+        return 0
+    return width * height * (DECODING_BYTES_PER_PIXEL + (3 * 4 if full_size_float else 0))
 
 
 def read_or_reason(read: Callable[[Path], np.ndarray], path: Path) -> np.ndarray | str:
@@ -236,17 +303,20 @@ def predict_files(
 
     Files are decoded by a thread per core, ahead of the model, and classified `batch_size` at a time, each
     resized first as the model itself would (a model whose input size is unknown: one at a time, at its own
-    size). Memory holds the list of paths and the images decoded ahead, however many files there are.
+    size). Memory holds the list of paths and the images decoded ahead, DECODE_BUDGET bytes of them at most
+    (DecodeQueue), however many files there are and however large. Pillow's pixel limit (images.pixel_limit)
+    refuses an image before it is decoded.
     """
     if classifier.image_size is None:
         batch_size = 1
     read = read_pixels
     if batch_size > 1:
         size = classifier.image_size
-        read = lambda path: resized(read_pixels(path), size)  # noqa: E731
+        read = lambda path: read_resized(path, size)  # noqa: E731
+    cost = lambda path: decoding_bytes(path, full_size_float=batch_size == 1)  # noqa: E731
     classify = classifier.batch_function(len(files))
     chunks = (files[i : i + batch_size] for i in range(0, len(files), batch_size))
-    for chunk, decoded in decoded_ahead(read, chunks, max(2, -(-DECODE_AHEAD // batch_size))):
+    for chunk, decoded in decoded_ahead(read, chunks, max(2, -(-DECODE_AHEAD // batch_size)), cost):
         images = [image for image in decoded if not isinstance(image, str)]
         # Unrounded: scores need rows that sum to 1, which rounding each of many small probabilities breaks.
         raw = iter(classify(np.stack(images)) if images else [])
@@ -262,21 +332,99 @@ def predict_files(
             yield Prediction(str(path), classifier.labels[best], probabilities[best], probabilities)
 
 
+@dataclass(eq=False)
+class QueuedFile:
+    """A file in a DecodeQueue; `bytes` is its header's estimate until it is decoded, then the decoded size."""
+
+    path: Path
+    bytes: int
+    future: Future | None = None
+
+
+class DecodeQueue:
+    """Files decoded by a pool of threads ahead of the model, handed back in order, a chunk at a time.
+
+    Files are submitted in order while the bytes held (decoding and decoded, not yet handed back) stay within
+    `budget`: counting images alone would let a few huge ones take gigabytes. The next file goes ahead alone
+    when nothing is held, so an image bigger than the budget is still decoded; and a chunk is completed even
+    over the budget, since its images are classified together (they are small once decoded and resized).
+    """
+
+    def __init__(
+        self, pool: ThreadPoolExecutor, read: Callable[[Path], np.ndarray], cost: Callable[[Path], int], budget: int
+    ) -> None:
+        self.pool, self.read, self.cost, self.budget = pool, read, cost, budget
+        self.chunks: deque[list[QueuedFile]] = deque()
+        self.waiting: deque[QueuedFile] = deque()  # not yet submitted, in order
+        self.running: list[QueuedFile] = []  # submitted, still counted at their estimate
+        self.held = 0
+        self.peak = 0  # the most bytes held at once
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def add(self, chunk: Sequence[Path]) -> None:
+        queued = [QueuedFile(path, self.cost(path)) for path in chunk]
+        self.chunks.append(queued)
+        self.waiting.extend(queued)
+        self.submit_fitting()
+
+    def pop(self) -> tuple[Sequence[Path], list[np.ndarray | str]]:
+        """The oldest chunk's paths and images (read_or_reason); waits for them to be decoded."""
+        head = self.chunks.popleft()
+        while head[-1].future is None:  # make room: wait for decodes in order, or go over if none is left
+            if self.running:
+                self.settle(self.running[0])
+            else:
+                self.start(self.waiting.popleft())
+            self.submit_fitting()
+        results = [queued.future.result() for queued in head]
+        for queued in head:
+            if queued in self.running:
+                self.settle(queued)
+            self.held -= queued.bytes
+        self.submit_fitting()
+        return [queued.path for queued in head], results
+
+    def submit_fitting(self) -> None:
+        for queued in [q for q in self.running if q.future.done()]:
+            self.settle(queued)
+        while self.waiting and (not self.held or self.held + self.waiting[0].bytes <= self.budget):
+            self.start(self.waiting.popleft())
+
+    def start(self, queued: QueuedFile) -> None:
+        queued.future = self.pool.submit(read_or_reason, self.read, queued.path)
+        self.running.append(queued)
+        self.held += queued.bytes
+        self.peak = max(self.peak, self.held)
+
+    def settle(self, queued: QueuedFile) -> None:
+        """Count a decoded file at its decoded size instead of its estimate (waits for it)."""
+        result = queued.future.result()
+        decoded = result.nbytes if isinstance(result, np.ndarray) else 0
+        self.held += decoded - queued.bytes
+        queued.bytes = decoded
+        self.running.remove(queued)
+
+
 def decoded_ahead(
-    read: Callable[[Path], np.ndarray], chunks: Iterable[Sequence[Path]], ahead: int
+    read: Callable[[Path], np.ndarray],
+    chunks: Iterable[Sequence[Path]],
+    ahead: int,
+    cost: Callable[[Path], int] = lambda path: 0,
+    budget: int = DECODE_BUDGET,
 ) -> Iterator[tuple[Sequence[Path], list[np.ndarray | str]]]:
     """Each chunk with its images (read_or_reason), in order, decoded by a thread per core; up to `ahead`
-    chunks decode while the caller classifies, and no more than that is held."""
+    chunks decode while the caller classifies, and no more than that, nor more bytes than DecodeQueue
+    allows (`cost`: a file's estimated bytes), is held."""
     with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
-        pending: deque[tuple[Sequence[Path], list[Future]]] = deque()
+        queue = DecodeQueue(pool, read, cost, budget)
         for chunk in chunks:
-            pending.append((chunk, [pool.submit(read_or_reason, read, path) for path in chunk]))
-            if len(pending) > ahead:
-                done, futures = pending.popleft()
-                yield done, [future.result() for future in futures]
-        while pending:
-            done, futures = pending.popleft()
-            yield done, [future.result() for future in futures]
+            queue.add(chunk)
+            if len(queue) > ahead:
+                yield queue.pop()
+        while queue:
+            yield queue.pop()
 
 
 def class_difference(labels: list[str], classes: list[str]) -> str:
