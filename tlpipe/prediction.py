@@ -344,10 +344,11 @@ class QueuedFile:
 class DecodeQueue:
     """Files decoded by a pool of threads ahead of the model, handed back in order, a chunk at a time.
 
-    Files are submitted in order while the bytes held (decoding and decoded, not yet handed back) stay within
-    `budget`: counting images alone would let a few huge ones take gigabytes. The next file goes ahead alone
-    when nothing is held, so an image bigger than the budget is still decoded; and a chunk is completed even
-    over the budget, since its images are classified together (they are small once decoded and resized).
+    Files are submitted in order while the bytes held (decoding, decoded, and the chunk last handed back, which
+    its caller is still classifying) stay within `budget`: counting images alone would let a few huge ones take
+    gigabytes. The next file goes ahead alone when nothing is held, so an image bigger than the budget is still
+    decoded; and a chunk is completed even over the budget, since its images are classified together (they
+    are small once decoded and resized).
     """
 
     def __init__(
@@ -359,6 +360,8 @@ class DecodeQueue:
         self.running: list[QueuedFile] = []  # submitted, still counted at their estimate
         self.held = 0
         self.peak = 0  # the most bytes held at once
+        # The chunk last handed back is still held while its caller classifies it, until it asks for the next.
+        self.handed_back = 0
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -371,6 +374,8 @@ class DecodeQueue:
 
     def pop(self) -> tuple[Sequence[Path], list[np.ndarray | str]]:
         """The oldest chunk's paths and images (read_or_reason); waits for them to be decoded."""
+        self.held -= self.handed_back
+        self.handed_back = 0
         head = self.chunks.popleft()
         while head[-1].future is None:  # make room: wait for decodes in order, or go over if none is left
             if self.running:
@@ -382,7 +387,7 @@ class DecodeQueue:
         for queued in head:
             if queued in self.running:
                 self.settle(queued)
-            self.held -= queued.bytes
+        self.handed_back = sum(queued.bytes for queued in head)
         self.submit_fitting()
         return [queued.path for queued in head], results
 
