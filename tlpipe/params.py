@@ -186,10 +186,10 @@ SCHEMA: dict[str, Any] = {
         "val_fraction": _float(0.0, 1.0, include_low=False, include_high=False),
         "test_fraction": _float(0.0, 1.0, include_low=False, include_high=False),
         "max_extract_bytes": _int(1),
-        "max_archive_entries": _int(1),
         "max_download_bytes": _int(1),
         "download_deadline": _float(0.0, 7 * 24 * 3600.0, include_low=False),
         "min_download_rate": _float(0.0, 1e12),
+        "max_archive_entries": _int(1),
         "max_image_pixels": _int(1),
         "min_class_images": _int_or_null(1),
     },
@@ -249,10 +249,10 @@ OPTIONAL_SECTIONS: set[str] = set()
 # written before them means what it meant).
 DEFAULTS: dict[tuple[str, ...], Any] = {
     ("data", "min_class_images"): None,
-    ("data", "max_archive_entries"): 1_000_000,
     ("data", "max_download_bytes"): 4_000_000_000,
     ("data", "download_deadline"): 3600,
     ("data", "min_download_rate"): 10_000,
+    ("data", "max_archive_entries"): 1_000_000,
     ("train", "head"): "keras",
     ("train", "min_val_per_class"): 0,
     ("features", "engine"): "local",
