@@ -194,3 +194,22 @@ def test_a_chunk_is_completed_over_the_budget_one_image_at_a_time(monkeypatch: p
     out = list(prediction.decoded_ahead(read, chunks, ahead=4, cost=lambda path: 400, budget=500))
     assert [[path.name for path in chunk] for chunk, _ in out] == [[p.name for p in c] for c in chunks]
     assert max(len(names) for names in seen) == 1  # two of 400 never fit in 500
+
+
+def test_one_at_a_time_a_huge_image_is_resized_first_and_gives_the_same_probabilities(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--batch-size 1 gives the model each image at its own size, unless its float32 copy would exceed the
+    decode budget: then it is resized first, by the model's own kernel, so the probabilities stay the same."""
+    import keras
+
+    small, large = write_png(tmp_path / "small.png", 12), write_png(tmp_path / "large.png", 300)
+    monkeypatch.setattr(prediction, "DECODE_BUDGET", 300 * 300 * prediction.FLOAT_BYTES_PER_PIXEL - 1)
+    assert prediction.read_own_size(small, (8, 8)).shape == (12, 12, 3)
+    assert prediction.read_own_size(large, (8, 8)).shape == (8, 8, 3)
+    assert prediction.read_own_size(large, None).shape == (300, 300, 3)  # no known size: as it is
+    model = keras.models.load_model(model_path)
+    classifier = prediction.keras_classifier(model, CLASSES)
+    got = [p.probabilities for p in prediction.predict_files(classifier, [small, large], batch_size=1)]
+    expected = [model.predict(prediction.read_pixels(path)[np.newaxis], verbose=0)[0] for path in (small, large)]
+    np.testing.assert_allclose(got, expected, atol=1e-5)

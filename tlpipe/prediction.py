@@ -45,6 +45,7 @@ DECODE_AHEAD = 32
 DECODE_BUDGET = 256 * 2**20
 # Bytes a pixel takes while decoding: Pillow keeps RGB in 4 bytes a pixel (TensorFlow in 3).
 DECODING_BYTES_PER_PIXEL = 4
+FLOAT_BYTES_PER_PIXEL = 3 * 4  # an RGB pixel as float32
 # Pillow's own limit (its default, as in params.yaml): what predict refuses outside a project.
 DEFAULT_MAX_PIXELS = 89478485
 
@@ -260,6 +261,17 @@ def read_pixels(path: Path) -> np.ndarray:
     return np.asarray(decode(path)).astype(np.float32)
 
 
+def read_own_size(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+    """An image as --batch-size 1 gives it to the model: at its own size, as float32, unless that copy would
+    exceed DECODE_BUDGET; then resized first, as the model's Resizing layer would (the same kernel), so that a
+    huge image never becomes a full-size float32 array."""
+    pixels = decode(path)
+    height, width = int(pixels.shape[0]), int(pixels.shape[1])
+    if size is not None and height * width * FLOAT_BYTES_PER_PIXEL > DECODE_BUDGET:
+        return resized(pixels, size)
+    return np.asarray(pixels).astype(np.float32)
+
+
 def resized(pixels: Any, size: tuple[int, int]) -> np.ndarray:
     """What the shipped model's Resizing layer does first (bilinear, as keras.layers.Resizing), done here so
     that images of any size can share a batch. 8-bit pixels are resized as they are: the same kernel reads
@@ -283,7 +295,10 @@ def decoding_bytes(path: Path, full_size_float: bool) -> int:
             width, height = image.size
     except Exception:  # noqa: BLE001 - the decoder names what is wrong; this is only an estimate
         return 0
-    return width * height * (DECODING_BYTES_PER_PIXEL + (3 * 4 if full_size_float else 0))
+    float_copy = (
+        FLOAT_BYTES_PER_PIXEL if full_size_float and width * height * FLOAT_BYTES_PER_PIXEL <= DECODE_BUDGET else 0
+    )
+    return width * height * (DECODING_BYTES_PER_PIXEL + float_copy)
 
 
 def read_or_reason(read: Callable[[Path], np.ndarray], path: Path) -> np.ndarray | str:
@@ -309,9 +324,9 @@ def predict_files(
     """
     if classifier.image_size is None:
         batch_size = 1
-    read = read_pixels
+    size = classifier.image_size
+    read = lambda path: read_own_size(path, size)  # noqa: E731
     if batch_size > 1:
-        size = classifier.image_size
         read = lambda path: read_resized(path, size)  # noqa: E731
     cost = lambda path: decoding_bytes(path, full_size_float=batch_size == 1)  # noqa: E731
     classify = classifier.batch_function(len(files))
