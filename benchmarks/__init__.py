@@ -8,6 +8,7 @@ and renders its tables from that file into pages of the docs, between the marker
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -66,6 +67,16 @@ def backbones_with_offline_weights(shared: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def benchmark_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser every benchmark starts from: its command as `prog`, its docstring's first line, and
+    --table-only."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.splitlines()[0])
+    parser.add_argument(
+        "--table-only", action="store_true", help=f"re-render the tables from {name}.json, measure nothing"
+    )
+    return parser
+
+
 def stamp() -> dict[str, str]:
     """The `machine` and `date` every results file starts with."""
     return {"machine": machine(), "date": date.today().isoformat()}
@@ -103,6 +114,13 @@ def write_blocks(blocks: dict[Block, str]) -> None:
     page half updated."""
     for (page, name), block in blocks.items():
         insert_tables(PROJECT_ROOT / page, name, block)
+
+
+def publish(blocks: dict[Block, str]) -> None:
+    """Write a benchmark's blocks into their pages and print each once."""
+    write_blocks(blocks)
+    for block in dict.fromkeys(blocks.values()):
+        print(block)
 
 
 def markdown(rows: list[dict[str, Any]], columns: dict[str, str], left: int = 1) -> str:

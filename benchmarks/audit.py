@@ -25,7 +25,17 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks import PROJECT_ROOT, Block, load_results, markdown, measured, save_results, stamp, write_blocks
+from benchmarks import (
+    PROJECT_ROOT,
+    Block,
+    benchmark_parser,
+    load_results,
+    markdown,
+    measured,
+    publish,
+    save_results,
+    stamp,
+)
 from tlpipe import audit
 
 NAME = "audit"
@@ -39,12 +49,9 @@ def default_threshold() -> float:
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser = benchmark_parser(NAME, __doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[3000, 12000, 30000], help="numbers of images")
     parser.add_argument("--threshold", type=float, default=None, help="near-duplicate cosine (default: params.yaml)")
-    parser.add_argument(
-        "--table-only", action="store_true", help=f"re-render the tables from {NAME}.json, measure nothing"
-    )
     return parser
 
 
@@ -171,9 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             "rows": rows,
         }
         save_results(NAME, report)
-    rendered = blocks(report)
-    write_blocks(rendered)
-    print(rendered[(PAGES[0], NAME)])
+    publish(blocks(report))
 
 
 if __name__ == "__main__":

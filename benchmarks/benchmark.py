@@ -39,6 +39,7 @@ from benchmarks import (
     RESULTS,
     Block,
     backbones_with_offline_weights,
+    benchmark_parser,
     load_results,
     measured,
     save_results,
@@ -370,7 +371,7 @@ def blocks(report: dict[str, Any]) -> dict[Block, str]:
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser = benchmark_parser(NAME, __doc__)
     parser.add_argument("--backbone", default="mobilenet", help="the backbone of the classic-recipe comparison")
     parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
     parser.add_argument(
@@ -378,9 +379,6 @@ def argument_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"keep the pipeline, classic and precision results of {NAME}.json; re-measure start-up, matmul peaks "
         "and extraction against the ceiling",
-    )
-    parser.add_argument(
-        "--table-only", action="store_true", help=f"re-render the tables from {NAME}.json, measure nothing"
     )
     return parser
 

@@ -35,7 +35,7 @@ from scipy.special import expit, softmax
 from scipy.stats import bootstrap, norm, rankdata
 from sklearn import metrics as skm
 
-from benchmarks import Block, load_results, measured, save_results, stamp, write_blocks
+from benchmarks import Block, benchmark_parser, load_results, measured, publish, save_results, stamp
 from tlpipe import statistics
 
 NAME = "coverage"
@@ -291,13 +291,10 @@ def blocks(report: dict[str, Any]) -> dict[Block, str]:
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser = benchmark_parser(NAME, __doc__)
     parser.add_argument("--sets", type=int, default=1000, help="simulated test sets per setting (default 1000)")
     parser.add_argument("--before-sets", type=int, default=200, help="sets for the intervals before (default 200)")
     parser.add_argument("--settings", default="abcd", help="which settings, e.g. ab (default abcd)")
-    parser.add_argument(
-        "--table-only", action="store_true", help=f"re-render the table from {NAME}.json, measure nothing"
-    )
     return parser
 
 
@@ -324,9 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         report = measure_all(args)
         save_results(NAME, report)
-    rendered = blocks(report)
-    write_blocks(rendered)
-    print(rendered[(PAGE, NAME)])
+    publish(blocks(report))
 
 
 if __name__ == "__main__":

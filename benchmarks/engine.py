@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks import Block, load_results, markdown, measured, save_results, stamp, write_blocks
+from benchmarks import Block, benchmark_parser, load_results, markdown, measured, publish, save_results, stamp
 from tests.helpers import SHARED_DIR, local_ray_cluster, make_project, run
 
 NAME = "engine"
@@ -39,11 +39,8 @@ ZIP = "data/cats_and_dogs_filtered.zip"
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser = benchmark_parser(NAME, __doc__)
     parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
-    parser.add_argument(
-        "--table-only", action="store_true", help=f"re-render the table from {NAME}.json, measure nothing"
-    )
     return parser
 
 
@@ -153,9 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         report = stamp() | {"cpus": os.cpu_count(), "runs": measure(args.shared)}
         save_results(NAME, report)
-    rendered = blocks(report)
-    write_blocks(rendered)
-    print(rendered[(PAGES[0], NAME)])
+    publish(blocks(report))
 
 
 if __name__ == "__main__":

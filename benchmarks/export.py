@@ -31,12 +31,13 @@ import numpy as np
 from benchmarks import (
     Block,
     backbones_with_offline_weights,
+    benchmark_parser,
     load_results,
     markdown,
     measured,
+    publish,
     save_results,
     stamp,
-    write_blocks,
 )
 from tests.helpers import SHARED_DIR
 from tlpipe import export
@@ -50,15 +51,12 @@ CLASSES = ("cats", "dogs")
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser = benchmark_parser(NAME, __doc__)
     parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
     parser.add_argument("--images", type=int, default=200, help="test images for accuracy and agreement")
     parser.add_argument("--train-images", type=int, default=200, help="training images the head is fitted on")
     parser.add_argument("--runs", type=int, default=50, help="timed single-image calls per format")
     parser.add_argument("--only", nargs="*", help="backbone keys (default: all of params.yaml)")
-    parser.add_argument(
-        "--table-only", action="store_true", help=f"re-render the tables from {NAME}.json, measure nothing"
-    )
     return parser
 
 
@@ -282,9 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             "formats": rows,
         }
         save_results(NAME, report)
-    rendered = blocks(report)
-    write_blocks(rendered)
-    print(rendered[(PAGES[0], NAME)])
+    publish(blocks(report))
 
 
 if __name__ == "__main__":

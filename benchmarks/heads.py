@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks import PROJECT_ROOT, Block, load_results, measured, save_results, stamp, write_blocks
+from benchmarks import PROJECT_ROOT, Block, benchmark_parser, load_results, measured, publish, save_results, stamp
 from tests.helpers import SHARED_DIR, make_project, stages_in_process
 from tlpipe.crossvalidation import cross_validate, fold_plan
 from tlpipe.models import fit_probe, train_head
@@ -248,14 +248,11 @@ def blocks(report: dict[str, Any]) -> dict[Block, str]:
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser = benchmark_parser(NAME, __doc__)
     parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
     parser.add_argument("--project", type=Path, default=Path("/tmp/tl-heads-benchmark"), help="the throwaway project")
     parser.add_argument("--seeds", type=int, default=5, help="draws per (data, photos per class)")
     parser.add_argument("--cost-repeats", type=int, default=3, help="alternating runs of each stage's cost")
-    parser.add_argument(
-        "--table-only", action="store_true", help=f"re-render the tables from {NAME}.json, measure nothing"
-    )
     return parser
 
 
@@ -292,9 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         report = measure_all(args)
         save_results(NAME, report)
-    rendered = blocks(report)
-    write_blocks(rendered)
-    print(rendered[(PAGE, NAME)])
+    publish(blocks(report))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,17 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import PROJECT_ROOT, Block, load_results, markdown, measured, save_results, stamp, write_blocks
+from benchmarks import (
+    PROJECT_ROOT,
+    Block,
+    benchmark_parser,
+    load_results,
+    markdown,
+    measured,
+    publish,
+    save_results,
+    stamp,
+)
 from benchmarks.export import shipped_model, validation_names
 from tests.helpers import SHARED_DIR
 from tests.synthetic import synthetic_image
@@ -80,7 +90,7 @@ def save_models(folder: Path, shared: Path, exports: bool = True) -> dict[str, P
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser = benchmark_parser(NAME, __doc__)
     parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
     parser.add_argument("--images", type=int, default=1000, help="validation images of the shared zip")
     parser.add_argument("--files", type=int, nargs="*", default=[], help="also run tl-predict over this many files")
@@ -91,9 +101,6 @@ def argument_parser() -> argparse.ArgumentParser:
         "--baseline-only",
         action="store_true",
         help=f"measure only the comparison with --baseline, keeping the rest of {NAME}.json",
-    )
-    parser.add_argument(
-        "--table-only", action="store_true", help=f"re-render the tables from {NAME}.json, measure nothing"
     )
     return parser
 
@@ -413,9 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         results = measure(args.shared, args.images, args.files, args.baseline)
         report = stamp() | {"seconds": round(time.perf_counter() - started, 1)} | results
         save_results(NAME, report)
-    rendered = blocks(report)
-    write_blocks(rendered)
-    print(rendered[(PAGES[0], NAME)])
+    publish(blocks(report))
 
 
 if __name__ == "__main__":

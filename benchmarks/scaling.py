@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import RESULTS, Block, load_results, measured, save_results, stamp, write_blocks
+from benchmarks import RESULTS, Block, benchmark_parser, load_results, measured, publish, save_results, stamp
 from tests.helpers import SHARED_DIR, make_project, run
 
 NAME = "scaling"
@@ -265,12 +265,9 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser = benchmark_parser(NAME, __doc__)
     parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
     parser.add_argument("--sizes", type=int, nargs="+", default=[3000, 12000, 30000], help="numbers of images")
-    parser.add_argument(
-        "--table-only", action="store_true", help=f"re-render the table from {NAME}.json, measure nothing"
-    )
     return parser
 
 
@@ -287,9 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         report = stamp() | {"runs": results} | ({"before_fixes": before} if before else {})
         save_results(NAME, report)
         chart(results, CHART)
-    rendered = blocks(report)
-    write_blocks(rendered)
-    print(rendered[(PAGE, NAME)])
+    publish(blocks(report))
 
 
 if __name__ == "__main__":

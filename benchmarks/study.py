@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmarks import Block, load_results, measured, save_results, stamp, write_blocks
+from benchmarks import Block, benchmark_parser, load_results, measured, publish, save_results, stamp
 from tests.helpers import SHARED_DIR, make_project
 
 NAME = "study"
@@ -116,9 +116,8 @@ def blocks(report: dict[str, Any]) -> dict[Block, str]:
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.splitlines()[0])
+    parser = benchmark_parser(NAME, __doc__)
     parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
-    parser.add_argument("--table-only", action="store_true", help=f"re-render the table from {NAME}.json, run nothing")
     return parser
 
 
@@ -130,9 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="tl-study-") as tmp:
             report = stamp() | run_study(study_project(Path(tmp) / "project", args.shared))
         save_results(NAME, report)
-    rendered = blocks(report)
-    write_blocks(rendered)
-    print(rendered[(PAGES[0], NAME)])
+    publish(blocks(report))
 
 
 if __name__ == "__main__":
