@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib
 import importlib.util
 import json
@@ -36,6 +37,27 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@functools.cache
+def params_yaml() -> dict:
+    return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+
+
+@functools.cache
+def dvc_stages() -> dict[str, dict]:
+    """dvc.yaml's stages by the name `dvc repro` shows (`name@<b>` for a foreach stage), each its template."""
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    return {f"{name}@<b>" if "foreach" in spec else name: spec.get("do", spec) for name, spec in stages.items()}
+
+
+def stage_paths(stage: dict, kinds: tuple[str, ...]) -> list[str]:
+    """A stage's paths of these kinds (deps, outs, metrics, plots), `<b>` for any interpolated key."""
+    entries = [e if isinstance(e, str) else next(iter(e)) for kind in kinds for e in stage.get(kind, [])]
+    return [re.sub(r"\$\{[\w.]+\}", "<b>", entry).rstrip("/") for entry in entries]
+
+
+OUTPUT_KINDS = ("outs", "metrics", "plots")
+
+
 def parameter_names(params: dict, prefix: str = "") -> set[str]:
     """Every dotted parameter name in params.yaml, sections included, with `<b>` for a backbone's key."""
     names = set()
@@ -49,14 +71,7 @@ def parameter_names(params: dict, prefix: str = "") -> set[str]:
 
 def declared_outputs() -> set[str]:
     """Every output, metric and plot of dvc.yaml, with `<b>` for a backbone's key."""
-    outputs = set()
-    for stage in yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"].values():
-        stage = stage.get("do", stage)
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                path = entry if isinstance(entry, str) else next(iter(entry))
-                outputs.add(path.replace("${key}", "<b>").replace("${model}", "<b>"))
-    return outputs
+    return {path for stage in dvc_stages().values() for path in stage_paths(stage, OUTPUT_KINDS)}
 
 
 def backbone_generic(name: str) -> str:
@@ -74,7 +89,7 @@ def is_declared(path: str, outputs: set[str]) -> bool:
 def test_every_parameter_and_path_a_page_names_exists(page: Path) -> None:
     """A backticked `section.key` must be in params.yaml; a backticked path must be in the tree or be what
     dvc.yaml says a stage writes (`<b>` standing for a backbone; `<class>` paths are a dataset's layout)."""
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params = params_yaml()
     known, outputs = parameter_names(params), declared_outputs()
     problems = []
     for token in BACKTICKED.findall(page.read_text(encoding="utf-8")):
@@ -158,12 +173,13 @@ def yaml_names(value: object) -> set[str]:
     return {value} if isinstance(value, str) else set()
 
 
-def known_names() -> set[str]:
-    names = code_identifiers() | yaml_names(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()))
+@functools.cache
+def known_names() -> frozenset[str]:
+    names = code_identifiers() | yaml_names(params_yaml())
     names |= yaml_names(yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text()))
     for file in (PROJECT_ROOT / "tests" / "gate" / "metrics").rglob("*.json"):
         names |= yaml_names(json.loads(file.read_text()))
-    return names
+    return frozenset(names)
 
 
 def argument_parser_of(module: str) -> argparse.ArgumentParser:
@@ -212,7 +228,7 @@ def test_every_name_a_page_gives_exists(page: Path) -> None:
     tests named exist; project commands exist with the flags given; `-S` sets parameters params.yaml has."""
     text = page.read_text(encoding="utf-8")
     known = known_names()
-    params = parameter_names(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()))
+    params = parameter_names(params_yaml())
     spans = SPAN.findall(prose(text))
     problems = [
         f"name {s}" for s in spans if SNAKE.fullmatch(s) and s not in known | EXTERNAL and not s.startswith("test_")
@@ -233,18 +249,12 @@ def test_measured_numbers_sit_between_markers(page: Path) -> None:
 
 def upstream_stages() -> dict[str, set[str]]:
     """Each stage of dvc.yaml (`name@<b>` for a foreach stage) and the stages whose outputs it reads."""
-    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
-    named = {f"{n}@<b>" if "foreach" in s else n: s.get("do", s) for n, s in stages.items()}
-
-    def paths(stage: dict, kinds: tuple[str, ...]) -> list[str]:
-        entries = [e if isinstance(e, str) else next(iter(e)) for k in kinds for e in stage.get(k, [])]
-        return [re.sub(r"\$\{[\w.]+\}", "<b>", e).rstrip("/") for e in entries]
-
-    writers = {out: name for name, s in named.items() for out in paths(s, ("outs", "metrics", "plots"))}
+    named = dvc_stages()
+    writers = {out: name for name, stage in named.items() for out in stage_paths(stage, OUTPUT_KINDS)}
     return {
         name: {
             writer
-            for dep in paths(stage, ("deps",))
+            for dep in stage_paths(stage, ("deps",))
             for out, writer in writers.items()
             if writer != name and (dep == out or dep.startswith(f"{out}/") or out.startswith(f"{dep}/"))
         }
@@ -261,12 +271,9 @@ def table_rows(text: str, heading: str) -> list[list[str]]:
 
 
 def stage_parameters() -> dict[str, set[str]]:
-    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
     return {
-        f"{n}@<b>" if "foreach" in s else n: {
-            re.sub(r"\$\{[\w.]+\}", "<b>", p) for p in s.get("do", s).get("params", [])
-        }
-        for n, s in stages.items()
+        name: {re.sub(r"\$\{[\w.]+\}", "<b>", p) for p in stage.get("params", [])}
+        for name, stage in dvc_stages().items()
     }
 
 
@@ -292,10 +299,11 @@ def test_the_stage_table_is_dvc_yaml() -> None:
 
 
 def test_the_parameter_table_has_every_parameter_with_its_default() -> None:
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params = params_yaml()
     rows = table_rows((DOCS / "pipeline.md").read_text(encoding="utf-8"), "## Parameters")
     table = {row[0].strip("`"): row[1] for row in rows}
-    leaves = leaf_names(params)
+    names = parameter_names(params)
+    leaves = {name for name in names if not any(other.startswith(f"{name}.") for other in names)}
     missing = [n for n in sorted(leaves) if not any(n == row or n.startswith(f"{row}.") for row in table)]
     assert not missing, f"docs/pipeline.md's parameter table lacks {missing}"
     wrong = []
@@ -305,15 +313,6 @@ def test_the_parameter_table_has_every_parameter_with_its_default() -> None:
         if yaml.safe_load(default.strip("`")) != lookup(params, name):
             wrong.append(f"{name}: {default} but params.yaml has {lookup(params, name)!r}")
     assert not wrong, f"docs/pipeline.md's defaults: {wrong}"
-
-
-def leaf_names(params: dict, prefix: str = "") -> set[str]:
-    """The dotted names of every value that is not a section, `<b>` standing for a backbone's key."""
-    names = set()
-    for key, value in params.items():
-        name = f"{prefix}{'<b>' if prefix == 'backbones.' else key}"
-        names |= leaf_names(value, f"{name}.") if isinstance(value, dict) and key != "regression" else {name}
-    return names
 
 
 def lookup(params: dict, name: str) -> object:
@@ -329,8 +328,9 @@ def test_the_layout_names_every_module() -> None:
     named = set(re.findall(r"`([\w./]+)`", layout))
     modules = [f.stem for f in (PROJECT_ROOT / "tlpipe").glob("*.py") if f.stem != "__init__"]
     stages = [f.stem for f in (PROJECT_ROOT / "stages").glob("*.py") if f.stem != "__init__"]
+    in_dvc_yaml = {name.removesuffix("@<b>") for name in dvc_stages()}
     missing = sorted(m for m in modules if m not in named) + sorted(
-        s for s in stages if s not in named and s not in upstream_stages() and f"{s}@<b>" not in upstream_stages()
+        s for s in stages if s not in named and s not in in_dvc_yaml
     )
     assert not missing, f"CONTRIBUTING.md's layout does not name {missing}"
 
