@@ -48,6 +48,12 @@ def _escape_char(char: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
+def undecodable_bytes(text: str) -> str:
+    """A file name's bytes that are not UTF-8 (Python keeps them as lone surrogates) as `\\xNN`, the rest as
+    it is: for CSV fields, which the csv module quotes but which must still encode as UTF-8."""
+    return "".join(_escape_char(char) if ord(char) in SURROGATE_BYTES else char for char in text)
+
+
 def one_line(text: str) -> str:
     """A name on one line, unambiguously: backslashes doubled, then what does not print escaped (`visible`)."""
     return visible(text.replace("\\", "\\\\"))

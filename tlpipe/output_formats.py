@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-from tlpipe.errors import one_line
+from tlpipe.errors import one_line, undecodable_bytes
 from tlpipe.prediction import Prediction
 
 TEXT_DECIMALS = 4
@@ -18,11 +18,6 @@ CSV_DECIMALS = 6
 # JSON carries whole probability rows, which programs score: at 8 decimals a row of even a thousand classes
 # still sums to 1 within 1e-5 (scikit-learn's tolerance), and that is about all a float32 output holds.
 JSON_DECIMALS = 8
-
-
-def undecodable_bytes(text: str) -> str:
-    """A file name's bytes that are not UTF-8 (Python keeps them as lone surrogates) as `\\xNN`."""
-    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in text)
 
 
 def escape(text: str) -> str:

@@ -261,15 +261,20 @@ def read_pixels(path: Path) -> np.ndarray:
     return np.asarray(decode(path)).astype(np.float32)
 
 
+def at_own_size(width: int, height: int, size: tuple[int, int] | None) -> bool:
+    """Whether --batch-size 1 gives the model this image at its own size, as float32: unless that copy would
+    exceed DECODE_BUDGET and the model's input size is known, so that it can be resized first."""
+    return size is None or width * height * FLOAT_BYTES_PER_PIXEL <= DECODE_BUDGET
+
+
 def read_own_size(path: Path, size: tuple[int, int] | None) -> np.ndarray:
-    """An image as --batch-size 1 gives it to the model: at its own size, as float32, unless that copy would
-    exceed DECODE_BUDGET; then resized first, as the model's Resizing layer would (the same kernel), so that a
-    huge image never becomes a full-size float32 array."""
+    """An image as --batch-size 1 gives it to the model: at its own size (at_own_size), else resized first as
+    the model's Resizing layer would (the same kernel), so that a huge image never becomes a full-size float32
+    array."""
     pixels = decode(path)
-    height, width = int(pixels.shape[0]), int(pixels.shape[1])
-    if size is not None and height * width * FLOAT_BYTES_PER_PIXEL > DECODE_BUDGET:
-        return resized(pixels, size)
-    return np.asarray(pixels).astype(np.float32)
+    if at_own_size(int(pixels.shape[1]), int(pixels.shape[0]), size):
+        return np.asarray(pixels).astype(np.float32)
+    return resized(pixels, size)
 
 
 def resized(pixels: Any, size: tuple[int, int]) -> np.ndarray:
@@ -286,18 +291,16 @@ def read_resized(path: Path, size: tuple[int, int]) -> np.ndarray:
     return resized(decode(path), size)
 
 
-def decoding_bytes(path: Path, full_size_float: bool) -> int:
+def decoding_bytes(path: Path, one_at_a_time: bool, size: tuple[int, int] | None) -> int:
     """An estimate, from the file's header, of the bytes one image holds while it is decoded and after:
-    its decoded pixels, and its float32 copy where the model gets the image at its own size. 0 for a file
-    whose header does not open: it is refused before it is decoded."""
+    its decoded pixels, and its float32 copy where the model gets the image at its own size (one at a time,
+    at_own_size). 0 for a file whose header does not open: it is refused before it is decoded."""
     try:
         with Image.open(path) as image:
             width, height = image.size
     except Exception:  # noqa: BLE001 - the decoder names what is wrong; this is only an estimate
         return 0
-    float_copy = (
-        FLOAT_BYTES_PER_PIXEL if full_size_float and width * height * FLOAT_BYTES_PER_PIXEL <= DECODE_BUDGET else 0
-    )
+    float_copy = FLOAT_BYTES_PER_PIXEL if one_at_a_time and at_own_size(width, height, size) else 0
     return width * height * (DECODING_BYTES_PER_PIXEL + float_copy)
 
 
@@ -324,11 +327,10 @@ def predict_files(
     """
     if classifier.image_size is None:
         batch_size = 1
-    size = classifier.image_size
-    read = lambda path: read_own_size(path, size)  # noqa: E731
-    if batch_size > 1:
-        read = lambda path: read_resized(path, size)  # noqa: E731
-    cost = lambda path: decoding_bytes(path, full_size_float=batch_size == 1)  # noqa: E731
+    size, one_at_a_time = classifier.image_size, batch_size == 1
+    reader = read_own_size if one_at_a_time else read_resized
+    read = lambda path: reader(path, size)  # noqa: E731
+    cost = lambda path: decoding_bytes(path, one_at_a_time, size)  # noqa: E731
     classify = classifier.batch_function(len(files))
     chunks = (files[i : i + batch_size] for i in range(0, len(files), batch_size))
     for chunk, decoded in decoded_ahead(read, chunks, max(2, -(-DECODE_AHEAD // batch_size)), cost):
