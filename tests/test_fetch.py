@@ -354,6 +354,17 @@ def make_image_folder(root: Path) -> None:
     (root / "validation" / "empty").mkdir()
 
 
+def test_a_class_folder_named_with_dots_only_is_packed_and_hidden_files_are_not(tmp_path: Path) -> None:
+    """fetch and prepare share one rule for hidden names (tlpipe.files.is_hidden): a class folder `...` packed
+    from a local folder reaches prepare, as it does from a zip, while dotfiles stay out."""
+    folder = tmp_path / "images"
+    for name in ("cats/cat.1.jpg", ".../odd.1.jpg", ".../.hidden.jpg"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"pixels")
+    with zipfile.ZipFile(fetch(str(folder), tmp_path / "packed.zip", None)) as archive:
+        assert archive.namelist() == [".../odd.1.jpg", "cats/cat.1.jpg"]
+
+
 def test_folder_is_packed_deterministically(tmp_path: Path, paths: dict[str, Path]) -> None:
     folder = tmp_path / "images"
     make_image_folder(folder)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from tlpipe import progress
 from tlpipe.errors import PipelineError
-from tlpipe.files import atomic_path, sha256_file, write_text
+from tlpipe.files import atomic_path, is_hidden, sha256_file, write_text
 from tlpipe.paths import PARTIAL_DIR, SOURCE_RECORD
 
 CHUNK = 1 << 20
@@ -499,7 +499,7 @@ def _walk(
 
 
 def _skipped(name: str) -> bool:
-    return name.startswith(".") or name in SKIPPED_NAMES
+    return is_hidden(name) or name in SKIPPED_NAMES
 
 
 def _copy_with_progress(source: Path, target: Path, max_bytes: int = Limits.max_bytes) -> None:

@@ -1,5 +1,5 @@
 """Writing outputs so that a killed or failing stage never leaves a half-written file; reading JSON; file sizes
-and digests."""
+and digests; which names in a dataset are hidden files."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from tlpipe.errors import PipelineError
+
+
+def is_hidden(name: str) -> bool:
+    """A dotfile: a dot, then a name (.DS_Store, ._x.jpg, .git). A name of dots only (`...`; `.` and `..`
+    never get here) is an odd name, not a hidden one, so a class folder called that stays a class instead of
+    vanishing unreported. The one rule for a packed local folder (fetch) and an unpacked archive (prepare)."""
+    return name.startswith(".") and name.strip(".") != ""
 
 
 @contextlib.contextmanager

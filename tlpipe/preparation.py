@@ -32,7 +32,7 @@ import numpy as np
 from tlpipe import progress
 from tlpipe.datasets import SPLITS
 from tlpipe.errors import PipelineError, one_line, quoted
-from tlpipe.files import atomic_dir, sha256_file, write_json
+from tlpipe.files import atomic_dir, is_hidden, sha256_file, write_json
 from tlpipe.images import ImageRejected, is_tf_ready, open_image, pixel_limit, to_rgb
 from tlpipe.paths import CLASSES, MANIFEST, REPORT
 
@@ -256,12 +256,6 @@ def check_declared_size(archive: Path, infos: list[zipfile.ZipInfo], max_bytes: 
 def is_ignored(parts: tuple[str, ...]) -> bool:
     # macOS metadata and hidden files (.DS_Store, ._x.jpg, .git/...) are never images of the dataset.
     return parts[0] == "__MACOSX" or any(is_hidden(part) for part in parts)
-
-
-def is_hidden(name: str) -> bool:
-    """A dotfile: a dot, then a name. A name of dots only (`...`; `.` and `..` never get here) is an odd
-    name, not a hidden one, so a class folder called that stays a class instead of vanishing unreported."""
-    return name.startswith(".") and name.strip(".") != ""
 
 
 def is_dir_entry(info: zipfile.ZipInfo) -> bool:
