@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
 from tests.ci_gate import gate_project
-from tests.helpers import dvc
+from tests.helpers import dvc, local_s3_server
 from tlpipe.params import TRACE_VARIABLE
 
 # Each runs one or more whole pipelines: the slowest first. test_pipeline_changes.py reuses the gate run that
-# test_pipeline_e2e.py builds, so it starts second on its worker, after the real-data study.
+# test_pipeline_e2e.py builds, so it starts second on its worker, after the real-data study; so does
+# test_shared_cache.py, after it.
 LONGEST_FIRST = (
     "test_pipeline_e2e.py",
     "test_real_data.py",
     "test_pipeline_changes.py",
+    "test_shared_cache.py",
     "test_interrupted.py",
     "test_multiclass_e2e.py",
     "test_many_classes.py",
@@ -57,3 +60,11 @@ def gate_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             dvc(project, "repro", env={TRACE_VARIABLE: str(root / "params-read")})
             (root / "reproduced").write_text("")
     return root / "project"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The endpoint URL of an S3 API on 127.0.0.1 (moto's server, in memory), one per xdist worker, stopped at
+    the end of the session; each test makes its own bucket (tests.helpers.create_bucket)."""
+    with local_s3_server() as endpoint:
+        yield endpoint

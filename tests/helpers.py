@@ -61,16 +61,16 @@ def run(
     return result
 
 
-def make_project(root: Path, overrides: dict[str, Any]) -> Path:
-    """A git + DVC repository holding a copy of the pipeline, with params.yaml sections replaced."""
+def make_project(root: Path, overrides: dict[str, Any], source: Path = PROJECT_ROOT) -> Path:
+    """A git + DVC repository holding a copy of the pipeline in `source` (this one's, by default), with
+    params.yaml sections replaced."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        source = PROJECT_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in (*PROJECT_FILES, ".gitignore"):
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            shutil.copy2(source, root / name)
-    shutil.copy2(PROJECT_ROOT / ".gitignore", root / ".gitignore")
+            shutil.copy2(path, root / name)
     params = yaml.safe_load((root / "params.yaml").read_text())
     for section, value in overrides.items():
         if isinstance(value, dict) and isinstance(params.get(section), dict) and section != "backbones":
@@ -132,6 +132,20 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+def cached_stages(output: str) -> set[str]:
+    """The stages a `dvc repro`/`dvc exp run` restored from DVC's run cache instead of running them."""
+    return set(re.findall(r"Stage '([^']+)' is cached - skipping run", output))
+
+
+def report_files(project: Path) -> dict[str, bytes]:
+    """Every file under reports/ (comparison, model card, evaluations, audit, pictures), by path."""
+    return {
+        str(path.relative_to(project)): path.read_bytes()
+        for path in sorted((project / "reports").rglob("*"))
+        if path.is_file()
+    }
+
+
 TIMING_KEYS = {"images_per_second"}  # wall-clock numbers; every other metric must repeat exactly
 
 
@@ -174,3 +188,66 @@ def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[str]:
             yield cluster.address
         finally:
             cluster.shutdown()
+
+
+# moto's server accepts any key; a DVC remote still needs one to sign its requests.
+S3_TEST_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing"}
+
+
+@contextlib.contextmanager
+def local_s3_server() -> Iterator[str]:
+    """An S3 API (moto's server, in memory) on 127.0.0.1 at a free port, started here and stopped on the way
+    out; yields its endpoint URL. Buckets are made with create_bucket."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    requests_log = logging.getLogger("werkzeug")  # one line per request otherwise
+    level = requests_log.level
+    requests_log.setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        requests_log.setLevel(level)
+
+
+def s3_client(endpoint: str) -> Any:
+    import boto3
+
+    keys = S3_TEST_CREDENTIALS
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=keys["access_key_id"],
+        aws_secret_access_key=keys["secret_access_key"],
+    )
+
+
+def create_bucket(endpoint: str, name: str) -> str:
+    """A new empty bucket on the S3 API at `endpoint`; its name."""
+    s3_client(endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def s3_keys(endpoint: str, bucket: str) -> list[str]:
+    """Every object's key in `bucket`."""
+    pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def add_s3_remote(project: Path, url: str, endpoint: str, name: str = "storage") -> None:
+    """`url` as the default DVC remote, as docs/experiments.md sets one up: address and endpoint in .dvc/config
+    (committed, shared by the team), keys in .dvc/config.local (each member's own, never committed)."""
+    dvc(project, "remote", "add", "--default", name, url)
+    dvc(project, "remote", "modify", name, "endpointurl", endpoint)
+    set_s3_credentials(project, name)
+
+
+def set_s3_credentials(project: Path, name: str = "storage") -> None:
+    for option, value in S3_TEST_CREDENTIALS.items():
+        dvc(project, "remote", "modify", "--local", name, option, value)
