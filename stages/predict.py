@@ -5,10 +5,13 @@ PATHs are image files or folders (searched recursively for image files). `tl-pre
 that `pip install -e .` (the README's setup) puts in the virtualenv's bin/, so it runs from any folder;
 `python -m stages.predict` is the same command from the project root.
 
-The model is --model, else models/model.keras in the current folder if there is one, else the project's own
-models/model.keras. Its class names are read from labels.json beside it. --model may also be an export of it
-(the export stage's exports/model.tflite, run by LiteRT, or exports/model.onnx, run by ONNX Runtime): the same
-probabilities (the export stage checks them), several times faster on a CPU (benchmarks/predict.py).
+The model is --model, else the shipped one: models/model.keras in the current folder if there is one, else the
+project's own; or rather, of it and its float exports that the export stage checked against it and kept
+(metrics/export.json, while dvc.lock says they were made from the model there now), the one whose measured
+latency is lowest: exports/model.onnx in ONNX Runtime or exports/model.tflite in LiteRT give the same
+probabilities (to a thousandth), faster on most CPUs (benchmarks/predict.py). The last line on stderr names
+the model that ran, and why. Class names are read from labels.json beside the model. --model also takes a
+quantized export (exports/model_int8.tflite, exports/model_float16.tflite), never chosen by default.
 
 Images are decoded ahead of the model by a thread per core and classified --batch-size at a time (default
 16); results print as each batch is done. --batch-size 1 classifies each image at its own size, as the model
@@ -45,8 +48,10 @@ from tlpipe.paths import SHIPPED_MODEL
 from tlpipe.prediction import (
     PREDICT_BATCH,
     PROJECT_ROOT,
+    ModelChoice,
     default_max_pixels,
     default_model,
+    fastest_checked_model,
     image_files,
     load_classifier,
     predict_files,
@@ -68,7 +73,8 @@ def argument_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help=f"a .keras model, or its .tflite or .onnx export, with labels.json beside it (default: {SHIPPED_MODEL} in the current folder "
-        f"if there is one, else {PROJECT_ROOT / SHIPPED_MODEL})",
+        f"if there is one, else {PROJECT_ROOT / SHIPPED_MODEL}; or its fastest float export that metrics/export.json says "
+        "gives the same probabilities)",
     )
     parser.add_argument("--format", choices=["text", "json", "csv"], default="text")
     parser.add_argument(
@@ -100,7 +106,11 @@ def positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = argument_parser().parse_args(argv)
-    model_path = args.model or default_model(Path.cwd())
+    if args.model:
+        choice = ModelChoice(args.model, "--model")
+    else:
+        choice = fastest_checked_model(default_model(Path.cwd()))
+    model_path = choice.path
     try:
         classifier = load_classifier(model_path, "run dvc repro (or pass --model)")
         temperature = 1.0 if args.uncalibrated else read_temperature(model_path)
@@ -121,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         shown = " ".join(escape(str(p)) for p in args.paths)
         print(f"error: no image files found in {shown}", file=sys.stderr)
         return 1
-    print(f"{classified} classified, {failed} failed in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(
+        f"{classified} classified, {failed} failed in {time.perf_counter() - started:.1f} s by "
+        f"{escape(str(model_path))} in {classifier.runtime} ({escape(choice.reason)})",
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 

@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import dvc, metric_files, run, stages_in_process, stages_run, training_logs, without_timing
+from tests.helpers import (
+    cached_stages,
+    dvc,
+    metric_files,
+    report_files,
+    run,
+    stages_in_process,
+    stages_run,
+    training_logs,
+    without_timing,
+)
 from tlpipe.paths import FINETUNED_LABELS
 
 pytestmark = pytest.mark.slow  # runs DVC or whole stages in subprocesses
@@ -24,9 +34,9 @@ def project(gate_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_changing_one_backbone_reruns_only_its_stages(project: Path) -> None:
-    """Changing it back restores the features from DVC's run cache and reruns the rest (metrics files are
-    not cached): with the same inputs, the head's training, its evaluation with intervals, and
-    cross-validation give the same numbers to the last digit."""
+    """Changing it back restores every stage from DVC's run cache (only validate, which checks params.yaml,
+    and fetch's check run), with the same numbers to the last digit; and rerunning the head's training,
+    its evaluation with intervals and cross-validation by force gives those numbers again."""
     before, logs_before = without_timing(metric_files(project)), training_logs(project)
     params_file = project / "params.yaml"
     original = params_file.read_text()
@@ -43,7 +53,12 @@ def test_changing_one_backbone_reruns_only_its_stages(project: Path) -> None:
     assert stages_run(result.stdout) - {"fetch"} == {"validate", *resnet50_stages, "audit", "aggregate"}
     assert without_timing(metric_files(project)) != before
     restored = dvc(project, "repro")  # back to the committed parameters
-    assert {"train@resnet50", "evaluate@resnet50", "crossval@resnet50"} <= stages_run(restored.stdout)
+    assert stages_run(restored.stdout) - {"fetch"} == {"validate"}
+    assert {"features@resnet50", "train@resnet50", "aggregate"} <= cached_stages(restored.stdout)
+    assert without_timing(metric_files(project)) == before
+    assert training_logs(project) == logs_before
+    for stage in ("crossval@resnet50", "train@resnet50", "evaluate@resnet50"):  # in the order DVC runs them
+        assert stages_run(dvc(project, "repro", "--force", "--single-item", stage).stdout) == {stage}
     assert without_timing(metric_files(project)) == before
     assert training_logs(project) == logs_before
 
@@ -72,6 +87,32 @@ def test_exp_run_with_another_model_reruns_only_the_shipping_stages(project: Pat
     assert exports["backbone"] == "resnet50" and exports["failed"] == {} and exports["saved_model"]["agreement"] == 1.0
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
     assert "metrics/model.json" in diff
+
+
+def test_switching_model_back_restores_every_stage_from_the_run_cache(gate_run: Path, tmp_path: Path) -> None:
+    """Away and back, by `dvc exp run -S` and by editing params.yaml before `dvc repro`: what was computed
+    once is restored, the fine-tuning above all; only fetch's check, validate and ship run, and every
+    metric and report is the one of the first run."""
+    copy = Path(shutil.copytree(gate_run, tmp_path / "copy", symlinks=True))
+    run(["git", "add", "-A"], copy)
+    run(["git", "commit", "-qm", "baseline results", "--allow-empty"], copy)
+    first, reports = metric_files(copy), report_files(copy)
+    original = yaml.safe_load((copy / "params.yaml").read_text())["model"]
+    always = {"fetch", "validate", "ship"}
+
+    away = dvc(copy, "exp", "run", "-S", "model=resnet50")
+    assert "finetune" in stages_run(away.stdout)
+    back = dvc(copy, "exp", "run", "-S", f"model={original}")
+    assert stages_run(back.stdout) <= always
+    assert {"finetune", "evaluate_model", "export", "model_card", "aggregate", "audit"} <= cached_stages(back.stdout)
+    assert metric_files(copy) == first and report_files(copy) == reports
+
+    for model in ("resnet50", original):  # plain repro after an edit: both runs are in the run cache now
+        params = yaml.safe_load((copy / "params.yaml").read_text())
+        params["model"] = model
+        (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert stages_run(dvc(copy, "repro").stdout) <= always
+    assert metric_files(copy) == first and report_files(copy) == reports
 
 
 def test_a_changed_list_of_dropped_test_images_reruns_every_evaluation(gate_run: Path, tmp_path: Path) -> None:

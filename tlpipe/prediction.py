@@ -24,7 +24,7 @@ from tlpipe.files import read_json
 from tlpipe.images import ImageRejected, is_tf_ready, open_image, to_rgb
 from tlpipe.inference import RUNTIME_OF_SUFFIX, TENSORFLOW, Outputs, keras_outputs, runtime_outputs
 from tlpipe.models import load_model
-from tlpipe.paths import SHIPPED_MODEL
+from tlpipe.paths import EXPORT_METRICS, EXPORTS_DIR, SHIPPED_MODEL
 from tlpipe.progress import bar
 from tlpipe.runtime import usable_cores
 from tlpipe.scoring import class_probabilities
@@ -65,6 +65,70 @@ def default_model(cwd: Path, project_root: Path = PROJECT_ROOT) -> Path:
     """models/model.keras in `cwd` if it is there, else the one in the project that holds this code."""
     local = cwd / SHIPPED_MODEL
     return SHIPPED_MODEL if local.exists() else project_root / SHIPPED_MODEL
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model tl-predict runs, and why that one (printed before it runs)."""
+
+    path: Path
+    reason: str
+
+
+def fastest_checked_model(keras_model: Path) -> ModelChoice:
+    """`keras_model` (a project's models/model.keras), or the export of it that runs fastest with the same answers.
+
+    A candidate is an export the export stage kept in metrics/export.json: float formats only (a quantized one
+    passes a looser bar, up to a point of accuracy, so it is chosen only by --model), that predict can run
+    (.tflite, .onnx), whose file is there with labels.json beside it. Exports count only while dvc.lock says
+    the export stage checked the models/model.keras that is there now: a model shipped since has not been
+    checked. Fastest is the lowest one-image latency measured by the export stage, the .keras model's included.
+    """
+    from tlpipe.export import FORMATS, KERAS
+
+    project = keras_model.parent.parent
+    metrics_file = project / EXPORT_METRICS
+    if not metrics_file.is_file():
+        return ModelChoice(keras_model, f"no {EXPORT_METRICS} to choose a faster export from (dvc repro export)")
+    if not checked_by_export_stage(project, keras_model):
+        return ModelChoice(keras_model, f"the exports were checked against another {SHIPPED_MODEL} (dvc repro export)")
+    try:
+        results = read_json(metrics_file)
+        latencies = {KERAS: (keras_model, float(results[KERAS]["latency_ms_p50"]))}
+        for name, fmt in FORMATS.items():
+            path = project / EXPORTS_DIR / fmt.path
+            row = results.get(name)
+            usable = path.suffix in RUNTIME_OF_SUFFIX and path.is_file() and (path.parent / "labels.json").is_file()
+            if usable and isinstance(row, dict) and not fmt.quantized and name not in results.get("failed", {}):
+                latencies[name] = (path, float(row["latency_ms_p50"]))
+    except (PipelineError, OSError, ValueError, TypeError, KeyError):
+        return ModelChoice(keras_model, f"{metrics_file} is unreadable (dvc repro export)")
+    name, (path, latency) = min(latencies.items(), key=lambda item: item[1][1])
+    if name == KERAS:
+        return ModelChoice(keras_model, f"no checked export is faster ({EXPORT_METRICS})")
+    keras_latency = latencies[KERAS][1]
+    return ModelChoice(
+        path,
+        f"the fastest export checked against {SHIPPED_MODEL} in {EXPORT_METRICS}: {latency:.1f} ms per image "
+        f"against {keras_latency:.1f} ms; --model {SHIPPED_MODEL} runs the .keras model",
+    )
+
+
+def checked_by_export_stage(project: Path, keras_model: Path) -> bool:
+    """Whether dvc.lock records `keras_model`, as it is now, among the export stage's dependencies."""
+    import hashlib
+
+    try:
+        lock = yaml.safe_load((project / "dvc.lock").read_text())
+        deps = lock["stages"]["export"]["deps"]
+        recorded = next(dep["md5"] for dep in deps if Path(dep["path"]) == SHIPPED_MODEL)
+        digest = hashlib.md5(usedforsecurity=False)
+        with keras_model.open("rb") as file:
+            while chunk := file.read(2**20):
+                digest.update(chunk)
+    except (OSError, yaml.YAMLError, TypeError, KeyError, StopIteration):
+        return False
+    return digest.hexdigest() == recorded
 
 
 def image_files(paths: Iterable[Path]) -> list[Path]:
