@@ -12,7 +12,18 @@ import importlib
 from benchmarks import PROJECT_ROOT, Block, load_results, write_blocks
 
 # Every benchmark with a results file, by module name (`benchmarks.<name>`, `benchmarks/<name>.json`).
-BENCHMARKS = ("benchmark", "study", "coverage", "heads", "scaling", "engine", "export", "predict", "audit")
+BENCHMARKS = (
+    "benchmark",
+    "study",
+    "coverage",
+    "heads",
+    "scaling",
+    "engine",
+    "export",
+    "predict",
+    "audit",
+    "extraction",
+)
 
 
 def rendered() -> dict[Block, str]:

@@ -20,13 +20,16 @@ from tlpipe.extraction import (
     LocalEngine,
     base_forward,
     bfloat16_notice,
+    choose_engine,
     deployment_cost,
     extract_splits,
     extract_views,
+    has_depthwise_convolutions,
     load_extractor,
+    onnx_forward,
 )
 from tlpipe.feature_cache import compact, write_features
-from tlpipe.params import extraction_precision, load_params
+from tlpipe.params import load_params, precision_setting, resolve_precision
 from tlpipe.runtime import seed_everything
 
 
@@ -36,7 +39,8 @@ def main(key: str) -> None:
     if key not in params["backbones"]:
         raise PipelineError(f"backbone {key!r} is not in params.yaml backbones: {', '.join(params['backbones'])}")
     spec, settings, seed = params["backbones"][key], params["features"], params["seed"]
-    precision = extraction_precision(params, key)
+    setting, source = precision_setting(params, key)
+    precision, precision_reason = resolve_precision(setting, engine=settings["engine"])
     seed_everything(seed)
     if notice := bfloat16_notice(precision):
         print(f"{key}: {notice}", file=sys.stderr)
@@ -46,23 +50,28 @@ def main(key: str) -> None:
     rows = {split: split_rows(manifest, split) for split in SPLITS}
     n_images = sum(map(len, rows.values())) + views * len(rows["train"])
 
-    if settings["engine"] == "ray":
+    engine, engine_reason = settings["engine"], "set explicitly"
+    if engine == "ray":
         from tlpipe.ray_engine import RayEngine
 
         job = {"key": key, "spec": dict(spec), "seed": seed, "precision": precision}
-        with RayEngine(settings["ray"], job | {"batch_size": batch_size, "n_images": n_images}) as engine:
+        with RayEngine(settings["ray"], job | {"batch_size": batch_size, "n_images": n_images}) as ray:
             started = time.perf_counter()
-            arrays = extract_all(engine, rows, settings, seed, size, key)
+            arrays = extract_all(ray, rows, settings, seed, size, key)
             seconds = time.perf_counter() - started
     else:
         extractor, n_params = load_extractor(key, spec, seed, precision)
-        forward = base_forward(extractor, size, n_images)
+        engine, engine_reason = choose_engine(engine, precision, has_depthwise_convolutions(extractor))
+        # Compiled, or converted, before the clock starts: `seconds` times the extraction alone.
+        forward = onnx_forward(extractor, size) if engine == "onnx" else base_forward(extractor, size, n_images)
         started = time.perf_counter()
         arrays = extract_all(LocalEngine(forward, size, batch_size), rows, settings, seed, size, key)
         seconds = time.perf_counter() - started
-    if settings["engine"] == "ray" or precision != "float32":
+    if engine == "ray" or precision != "float32":
         # What ships is float32 and runs here: a float32 copy, compiled as the stage compiles its own.
         extractor, n_params = load_extractor(key, spec, seed)
+    if engine != "local" or precision != "float32":
+        # ... and runs in Keras, whatever engine extracted.
         forward = base_forward(extractor, size, n_images)
     cost = deployment_cost(extractor, size, forward)
     n_images = sum(len(arrays[f"y_{split}"]) for split in (*SPLITS, "train_aug"))
@@ -77,17 +86,25 @@ def main(key: str) -> None:
             "image_size": size,
             "weights": spec["weights"],
             "precision": precision,
+            # Where the precision and the engine came from: the same params.yaml can resolve differently on
+            # another machine, and its numbers differ for that reason.
+            "precision_setting": f"{source}: {setting}",
+            "precision_reason": precision_reason,
             "feature_dim": int(arrays["x_train"].shape[1]),
             "params": int(n_params),
             "images": n_images,
             "seconds": round(seconds, 2),
             "images_per_second": round(n_images / seconds, 1),
-            "engine": settings["engine"],
+            "engine": engine,
+            "engine_setting": f"features.engine: {settings['engine']}",
+            "engine_reason": engine_reason,
         }
         | cost,
     )
     print(
-        f"{key}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.1f} images/s, {precision})", file=sys.stderr
+        f"{key}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.1f} images/s, {precision}, {engine}: "
+        f"{engine_reason})",
+        file=sys.stderr,
     )
 
 

@@ -58,11 +58,16 @@ def test_the_shipped_params_are_valid() -> None:
         ({"finetune__augment__flip": "yes"}, "finetune.augment.flip: must be true or false"),
         ({"features__augment__zoom": 2}, "features.augment.zoom: must be in [0.0, 0.9]"),
         ({"features__views": -1}, "features.views: must be between 0 and 20"),
+        ({"finetune__cached_views": -1}, "finetune.cached_views: must be between 0 and 100, got -1"),
+        ({"finetune__cached_views": 1.5}, "finetune.cached_views: must be an integer, got 1.5"),
         ({"distribute__strategy": "parameter_server"}, "distribute.strategy: must be one of none, mirrored"),
-        ({"features__precision": "float16"}, "features.precision: must be one of float32, bfloat16, got 'float16'"),
+        (
+            {"features__precision": "float16"},
+            "features.precision: must be one of auto, float32, bfloat16, got 'float16'",
+        ),
         ({"features__precision": KeyError}, "features.precision: missing"),
-        ({"backbones__vgg16__precision": "half"}, "backbones.vgg16.precision: must be one of float32, bfloat16"),
-        ({"features__engine": "spark"}, "features.engine: must be one of local, ray, got 'spark'"),
+        ({"backbones__vgg16__precision": "half"}, "backbones.vgg16.precision: must be one of auto, float32, bfloat16"),
+        ({"features__engine": "spark"}, "features.engine: must be one of auto, local, onnx, ray, got 'spark'"),
         ({"features__ray__workers": 0}, "features.ray.workers: must be between 1 and 4096, got 0"),
         ({"features__ray__cpus_per_worker": 0}, "features.ray.cpus_per_worker: must be in (0.0, 1024.0]"),
         ({"features__ray__gpus_per_worker": -1}, "features.ray.gpus_per_worker: must be in [0.0, 64.0]"),
@@ -176,3 +181,12 @@ def test_a_params_yaml_from_before_the_engine_runs_locally(tmp_path: Path) -> No
     features = load_params(tmp_path / "params.yaml")["features"]
     assert features["engine"] == "local" and features["ray"]["address"] is None and features["ray"]["workers"] == 2
     assert "engine" not in old["features"]  # the caller's dict is left alone
+
+
+def test_a_params_yaml_from_before_cached_fine_tuning_fine_tunes_on_the_images(tmp_path: Path) -> None:
+    """finetune.cached_views came later: a params.yaml without it keeps its meaning (0, no cache)."""
+    old = copy.deepcopy(DEFAULTS)
+    del old["finetune"]["cached_views"]
+    assert validate(old, PROJECT_ROOT) == []
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(old))
+    assert load_params(tmp_path / "params.yaml")["finetune"]["cached_views"] == 0

@@ -43,7 +43,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ray")
     data = write_dataset_zip(root / "data.zip")
     backbone = {KEY: {"arch": "MobileNetV2", "image_size": 32, "weights": str(WEIGHTS)}}
-    features = {"batch_size": 4, "views": 1, "precision": "float32"}
+    features = {"batch_size": 4, "views": 1, "precision": "float32", "engine": "local"}
     project = make_project(
         root / "project", {"data": {"url": str(data)}, "backbones": backbone, "model": KEY, "features": features}
     )
@@ -95,7 +95,7 @@ def test_the_ray_engine_writes_the_local_engines_cache(project: Path, cluster: s
     meta = yaml.safe_load((project / FEATURES / "meta.json").read_text())
     local_meta = yaml.safe_load((local / "meta.json").read_text())
     assert meta.keys() == local_meta.keys() and (meta["engine"], local_meta["engine"]) == ("ray", "local")
-    timing = {"seconds", "images_per_second", "engine", "latency_ms_p50", "latency_ms_p95"}
+    timing = {"seconds", "images_per_second", "engine", "engine_setting", "latency_ms_p50", "latency_ms_p95"}
     assert {k: v for k, v in meta.items() if k not in timing} == {
         k: v for k, v in local_meta.items() if k not in timing
     }

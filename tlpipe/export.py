@@ -8,16 +8,11 @@ run by its own runtime (TensorFlow, LiteRT, ONNX Runtime).
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import re
 import shutil
-import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +22,7 @@ import numpy as np
 from tlpipe.datasets import AUGMENTATION_LAYER
 from tlpipe.errors import first_line
 from tlpipe.inference import LITERT, ONNX_RUNTIME, TENSORFLOW, one_image, runtime_outputs
-from tlpipe.models import frozen_function
+from tlpipe.models import quiet_converters, write_onnx
 
 # One image (H, W, 3), float32 RGB in 0..255 -> its class probabilities (n_classes,).
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -106,27 +101,6 @@ def failure_reason(error: BaseException) -> str:
     return first_line(error)[:300]
 
 
-@contextlib.contextmanager
-def quiet_converters() -> Iterator[None]:
-    """Silence what the converters print while they work: the MLIR converter's per-op diagnostics go to the
-    process's stderr from C++, tf2onnx logs each op it lacks, NumPy warns about aliases. A failure is
-    reported by its one-line reason (failure_reason) instead."""
-    logger = logging.getLogger("tf2onnx")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    sys.stderr.flush()
-    saved_stderr = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull, warnings.catch_warnings():
-            os.dup2(devnull.fileno(), 2)
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        os.dup2(saved_stderr, 2)
-        os.close(saved_stderr)
-        logger.setLevel(level)
-
-
 def convert_tflite(saved_model: Path, weights: str | None) -> bytes:
     import tensorflow as tf
 
@@ -139,25 +113,12 @@ def convert_tflite(saved_model: Path, weights: str | None) -> bytes:
 
 
 def convert_onnx(serving: Any, path: Path) -> None:
-    """tf2onnx over the model's frozen graph, input `image` and output `probabilities`.
-
-    Not Keras' own ONNX export, which hands tf2onnx the live function: the head's Normalization keeps its
-    mean and variance as captured tensors, and tf2onnx turns those into extra graph inputs that nobody feeds.
-    Freezing first (tlpipe.models.frozen_function, as for inference) makes them constants.
-    """
+    """tf2onnx over the model's frozen graph (tlpipe.models.write_onnx), input `image` and output
+    `probabilities`, for images of any size."""
     import tensorflow as tf
-    import tf2onnx
 
     spec = tf.TensorSpec((None, None, None, 3), tf.float32, name="image")
-    frozen = frozen_function(lambda image: serving(image, training=False), spec)
-    (input_name,), (output_name,) = [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
-    tf2onnx.convert.from_graph_def(
-        frozen.graph.as_graph_def(),
-        input_names=[input_name],
-        output_names=[output_name],
-        tensors_to_rename={input_name: "image", output_name: "probabilities"},
-        output_path=str(path),
-    )
+    write_onnx(lambda image: serving(image, training=False), spec, path, "image", "probabilities")
 
 
 def export_formats(

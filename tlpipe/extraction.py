@@ -6,7 +6,7 @@ classic recipe; the head then trains on the cached arrays.
 
 from __future__ import annotations
 
-import re
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +18,9 @@ from tlpipe import progress
 from tlpipe.backbones import build_extractor, get_backbone
 from tlpipe.datasets import image_dataset
 from tlpipe.errors import PipelineError, first_line
-from tlpipe.models import inference_function, worth_freezing
-from tlpipe.params import resolve_weights
+from tlpipe.models import inference_function, quiet_converters, worth_freezing, write_onnx
+from tlpipe.params import CPUINFO, bfloat16_hardware, resolve_weights
+from tlpipe.runtime import usable_cores
 
 
 def load_extractor(key: str, spec: dict[str, Any], seed: int = 0, precision: str = "float32") -> tuple[Any, int]:
@@ -60,13 +61,9 @@ def deployment_cost(extractor: Any, image_size: int, forward: Callable[[Any], An
     return {"base_bytes": base_bytes} | latency_ms(lambda pixels: forward(pixels[np.newaxis]), image)
 
 
-def bfloat16_notice(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+def bfloat16_notice(precision: str, cpuinfo: Path = CPUINFO) -> str | None:
     """A warning when bfloat16 would be emulated: no GPU, and a Linux CPU without AVX512_BF16 or AMX."""
-    import tensorflow as tf
-
-    if precision != "bfloat16" or tf.config.list_physical_devices("GPU") or not cpuinfo.is_file():
-        return None
-    if re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo.read_text(errors="replace")):
+    if precision != "bfloat16" or not cpuinfo.is_file() or bfloat16_hardware(cpuinfo):
         return None
     return (
         "this CPU has no bfloat16 arithmetic (AVX512_BF16 or AMX), so bfloat16 extraction may be slower "
@@ -95,9 +92,75 @@ def base_forward(extractor: Any, image_size: int, n_images: int) -> Callable[[An
     )
 
 
+# Images per ONNX Runtime call: a few images at a time keep a layer's activations in the CPU's caches, where
+# a whole batch of 32 spills them to memory (benchmarks/extraction.py measures both engines).
+ONNX_IMAGES_PER_RUN = 4
+
+
+def onnx_forward(extractor: Any, image_size: int) -> Callable[[Any], np.ndarray]:
+    """The float32 extractor converted to ONNX (tlpipe.models.write_onnx, as the export stage converts) and run by
+    ONNX Runtime on this machine's CPU cores: a batch of pixels in, its features out, as base_forward.
+
+    Its threads sleep instead of spinning between calls: the next batch is decoded on the same cores
+    meanwhile (LocalEngine.files), and spinning threads would take those cores from it.
+    """
+    import onnxruntime
+    import tensorflow as tf
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = usable_cores()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    spec = tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="pixels")
+    with tempfile.TemporaryDirectory(prefix="onnx-") as folder, quiet_converters():
+        path = Path(folder) / "base.onnx"
+        write_onnx(lambda images: extractor(images, training=False), spec, path, "pixels", "features")
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(images: Any) -> np.ndarray:
+        pixels = np.asarray(images, np.float32)
+        return np.concatenate(
+            [
+                session.run(None, {"pixels": pixels[start : start + ONNX_IMAGES_PER_RUN]})[0]
+                for start in range(0, len(pixels), ONNX_IMAGES_PER_RUN)
+            ]
+        )
+
+    return forward
+
+
+def has_depthwise_convolutions(model: Any) -> bool:
+    """Whether `model`, at any depth, has a DepthwiseConv2D layer (MobileNet, EfficientNet)."""
+    import keras
+
+    if isinstance(model, keras.layers.DepthwiseConv2D):
+        return True
+    return any(has_depthwise_convolutions(layer) for layer in getattr(model, "layers", []))
+
+
+def choose_engine(setting: str, precision: str, depthwise: bool, gpu: bool | None = None) -> tuple[str, str]:
+    """(engine, why) for `features.engine`: a set value is itself; `auto` is ONNX Runtime where it measured
+    faster than Keras (float32 on a CPU, a backbone of depthwise convolutions: benchmarks/extraction.py) and
+    Keras (`local`) elsewhere. `gpu` None asks TensorFlow whether it sees one."""
+    if setting != "auto":
+        return setting, "set explicitly"
+    if gpu is None:
+        import tensorflow as tf
+
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+    if gpu:
+        return "local", "auto: Keras runs the base on the GPU"
+    if precision != "float32":
+        return "local", f"auto: ONNX Runtime runs float32 only, and the precision is {precision}"
+    if not depthwise:
+        return "local", "auto: ONNX Runtime measured no faster than Keras on backbones without depthwise convolutions"
+    return "onnx", "auto: ONNX Runtime measured faster than Keras on float32 depthwise convolutions on a CPU"
+
+
 class Engine(Protocol):
-    """What runs the frozen base over images for the features stage (`features.engine`): LocalEngine, or
-    tlpipe.ray_engine.RayEngine. Both return features in the order of their input."""
+    """What runs the frozen base over images for the features stage (`features.engine`): LocalEngine (with
+    Keras' base_forward or ONNX Runtime's onnx_forward), or tlpipe.ray_engine.RayEngine. Each returns
+    features in the order of its input."""
 
     def files(self, paths: list[str], desc: str) -> np.ndarray:
         """Features of the image files in `paths`, decoded and resized as datasets.image_dataset does."""
@@ -108,7 +171,8 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class LocalEngine:
-    """The base on this machine: `forward` is base_forward of the extractor."""
+    """The base on this machine: `forward` is base_forward of the extractor (`features.engine: local`) or
+    onnx_forward (`onnx`)."""
 
     forward: Callable[[Any], Any]
     image_size: int
@@ -123,7 +187,7 @@ class LocalEngine:
         features = []
         with progress.bar(n_images, desc) as shown:
             for images in batches:
-                features.append(self.forward(images).numpy())
+                features.append(np.asarray(self.forward(images)))
                 shown.update(len(features[-1]))
         return np.concatenate(features)
 

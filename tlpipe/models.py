@@ -11,11 +11,15 @@ The head on cached features is one of params.yaml `train.head`:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import math
+import os
+import sys
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,7 +224,7 @@ def inference_function(
 
 def frozen_function(forward: Callable[[Any], Any], spec: Any) -> Any:
     """`forward` traced once for inputs of `spec` (a tf.TensorSpec), its variables turned into constants:
-    a ConcreteFunction, whose graph is also what tf2onnx converts (tlpipe.export.convert_onnx)."""
+    a ConcreteFunction, whose graph is also what tf2onnx converts (write_onnx)."""
     import tensorflow as tf
 
     # The public tf.compat.v1 freezing works on v1 sessions only; this is its TF2 form, stable since TF 2.2.
@@ -229,6 +233,48 @@ def frozen_function(forward: Callable[[Any], Any], spec: Any) -> Any:
     # A model call needs no AutoGraph, which cannot even parse a lambda that shares its line with another.
     traced = tf.function(forward, input_signature=[spec], autograph=False)
     return convert_variables_to_constants_v2(traced.get_concrete_function())
+
+
+def write_onnx(forward: Callable[[Any], Any], spec: Any, path: Path, input_name: str, output_name: str) -> None:
+    """tf2onnx over `forward`'s frozen graph (traced for `spec`, a tf.TensorSpec), its one input and one
+    output renamed `input_name` and `output_name`.
+
+    Not Keras' own ONNX export, which hands tf2onnx the live function: a Normalization layer keeps its mean
+    and variance as captured tensors, and tf2onnx turns those into extra graph inputs that nobody feeds.
+    Freezing first (frozen_function, as for inference) makes them constants.
+    """
+    import tf2onnx
+
+    frozen = frozen_function(forward, spec)
+    (frozen_input,), (frozen_output,) = [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
+    tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(),
+        input_names=[frozen_input],
+        output_names=[frozen_output],
+        tensors_to_rename={frozen_input: input_name, frozen_output: output_name},
+        output_path=str(path),
+    )
+
+
+@contextlib.contextmanager
+def quiet_converters() -> Iterator[None]:
+    """Silence what the converters print while they work: the MLIR converter's per-op diagnostics go to the
+    process's stderr from C++, tf2onnx logs each op it lacks, NumPy warns about aliases. A failure is
+    reported by its one-line reason (tlpipe.export.failure_reason) instead."""
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull, warnings.catch_warnings():
+            os.dup2(devnull.fileno(), 2)
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        logger.setLevel(level)
 
 
 def train_head(

@@ -155,6 +155,10 @@ def _sha256(value: Any) -> str | None:
     return f"must be null or 64 hex digits, got {value!r}"
 
 
+# features.precision: auto resolves to one of PRECISIONS on the machine that extracts (resolve_precision).
+PRECISION_SETTINGS = ("auto", *PRECISIONS)
+# features.engine: auto picks local or onnx per backbone (tlpipe/extraction.py choose_engine).
+ENGINES = ("auto", "local", "onnx", "ray")
 # The heads on cached features (tlpipe/models.py describes each).
 HEADS = ("logistic", "keras")
 # What the export stage can write (tlpipe/export.py FORMATS describes each); here so that validating stays light.
@@ -198,10 +202,10 @@ SCHEMA: dict[str, Any] = {
     "backbones": None,  # checked by _check_backbones
     "features": {
         "batch_size": _int(1, 1024),
-        "precision": _choice(*PRECISIONS),
+        "precision": _choice(*PRECISION_SETTINGS),
         "views": _int(0, 20),
         "augment": AUGMENT,
-        "engine": _choice("local", "ray"),
+        "engine": _choice(*ENGINES),
         "ray": {
             "address": _address,
             "workers": _int(1, 4096),
@@ -227,6 +231,7 @@ SCHEMA: dict[str, Any] = {
         "learning_rate": _float(0.0, 1.0, include_low=False),
         "patience": _int(0, 10000),
         "augment": AUGMENT,
+        "cached_views": _int(0, 100),
     },
     "distribute": {"strategy": _choice("none", "mirrored"), "cpu_replicas": _int(1, 64)},
     "stats": {
@@ -257,6 +262,7 @@ DEFAULTS: dict[tuple[str, ...], Any] = {
     ("train", "min_val_per_class"): 0,
     ("features", "engine"): "local",
     ("features", "ray"): {"address": None, "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0},
+    ("finetune", "cached_views"): 0,
 }
 # Parameters that moved or went away: an old params.yaml gets one line per key naming the new spelling.
 MOVED = {
@@ -310,7 +316,7 @@ def _check_backbones(backbones: Any, root: Path, problems: list[str]) -> None:
             continue
         for unknown in spec.keys() - {"arch", "image_size", "weights", "precision"}:
             problems.append(f"{name}.{unknown}: unknown parameter; allowed: arch, image_size, weights, precision")
-        if "precision" in spec and (problem := _choice(*PRECISIONS)(spec["precision"])):
+        if "precision" in spec and (problem := _choice(*PRECISION_SETTINGS)(spec["precision"])):
             problems.append(f"{name}.precision: {problem}")
         arch = spec.get("arch")
         backbone = REGISTRY.get(arch) if isinstance(arch, str) else None
@@ -352,6 +358,7 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
     names = list(backbones) if isinstance(backbones, dict) else []
     if isinstance(backbones, dict) and "model" in params and params["model"] not in names:
         problems.append(f"model: {params['model']!r} is not a backbone; valid: {', '.join(map(str, backbones))}")
+    problems += _onnx_precision_problems(params)
     audit = params.get("audit")
     if isinstance(backbones, dict) and isinstance(audit, dict) and audit.get("backbone") is not None:
         if audit["backbone"] not in names:
@@ -361,6 +368,22 @@ def validate(params: Any, root: Path = Path(".")) -> list[str]:
             )
     # A key or value may hold a line break (a quoted YAML key can): escaped, each problem stays one line.
     return [visible(problem) for problem in problems]
+
+
+def _onnx_precision_problems(params: dict[str, Any]) -> list[str]:
+    """`features.engine: onnx` runs float32 only: one line per backbone whose precision is set to bfloat16."""
+    features, backbones = params.get("features"), params.get("backbones")
+    if not isinstance(features, dict) or features.get("engine") != "onnx" or not isinstance(backbones, dict):
+        return []
+    problems = []
+    for key, spec in backbones.items():
+        if isinstance(spec, dict) and spec.get("precision", features.get("precision")) == "bfloat16":
+            name = f"backbones.{key}.precision" if "precision" in spec else "features.precision"
+            problems.append(
+                f"{name}: bfloat16, but features.engine onnx runs float32 only; set it to float32 or auto, "
+                "or features.engine to auto or local"
+            )
+    return list(dict.fromkeys(problems))  # features.precision once, however many backbones inherit it
 
 
 def with_defaults(params: dict[str, Any]) -> dict[str, Any]:
@@ -463,9 +486,52 @@ def audit_backbone(params: dict[str, Any]) -> str:
     return params["model"] if chosen is None else chosen
 
 
-def extraction_precision(params: dict[str, Any], key: str) -> str:
-    """`backbones.<key>.precision` where set, else `features.precision`."""
-    return params["backbones"][key].get("precision", params["features"]["precision"])
+def precision_setting(params: dict[str, Any], key: str) -> tuple[str, str]:
+    """(value, parameter): `backbones.<key>.precision` where set, else `features.precision`."""
+    if "precision" in params["backbones"][key]:
+        return params["backbones"][key]["precision"], f"backbones.{key}.precision"
+    return params["features"]["precision"], "features.precision"
+
+
+CPUINFO = Path("/proc/cpuinfo")
+# The CPU flags of bfloat16 arithmetic, as Linux spells them in /proc/cpuinfo.
+BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def bfloat16_hardware(cpuinfo: Path = CPUINFO, gpu: bool | None = None) -> str | None:
+    """What computes bfloat16 natively here, in words (`a GPU`, or the CPU flag that says so); None where
+    bfloat16 would be emulated. `gpu` None asks TensorFlow whether it sees one."""
+    if gpu is None:
+        import tensorflow as tf
+
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+    if gpu:
+        return "a GPU"
+    if not _is_file(cpuinfo):
+        return None
+    flags = set(re.findall(r"[\w.]+", cpuinfo.read_text(errors="replace")))
+    found = [flag for flag in BFLOAT16_FLAGS if flag in flags]
+    return f"the CPU flag {found[0]}" if found else None
+
+
+def resolve_precision(
+    setting: str, cpuinfo: Path = CPUINFO, gpu: bool | None = None, engine: str = "auto"
+) -> tuple[str, str]:
+    """(precision, why): `auto` is bfloat16 where the hardware computes it natively (a GPU, or a CPU with
+    AVX512_BF16 or AMX), float32 elsewhere, where bfloat16 is emulated and slower, and float32 for
+    `features.engine: onnx`, which runs float32 only; a set value is itself."""
+    if setting != "auto":
+        return setting, "set explicitly"
+    if engine == "onnx":
+        return "float32", "auto: features.engine onnx runs float32 only"
+    if hardware := bfloat16_hardware(cpuinfo, gpu):
+        return "bfloat16", f"auto: {hardware} computes bfloat16 natively"
+    return "float32", f"auto: no GPU, and no {' or '.join(BFLOAT16_FLAGS)} among the CPU flags"
+
+
+def extraction_precision(params: dict[str, Any], key: str, cpuinfo: Path = CPUINFO) -> str:
+    """The precision backbone `key` is extracted in on this machine (precision_setting, resolved)."""
+    return resolve_precision(precision_setting(params, key)[0], cpuinfo, engine=params["features"]["engine"])[0]
 
 
 def resolve_weights(weights: str | None, named: tuple[str, ...], root: Path = Path(".")) -> str | None:
