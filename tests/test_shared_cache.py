@@ -5,7 +5,8 @@ pushes the commit to a shared git repository and the outputs and run cache to an
 127.0.0.1). Another member clones, pulls and reproduces: DVC reruns no stage but fetch's check of data.url,
 and every file the stages wrote is the first member's, byte for byte. An experiment goes the same way with
 `dvc exp push` and `dvc exp pull`. Whether a stage's output is kept in git or in DVC's cache does not matter
-here: the clone gets the one from git and the other from the remote.
+here: the clone gets the one from git and the other from the remote. And a run never committed comes back from
+the shared run cache: the fine-tuning a teammate already ran is restored, not trained again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import add_s3_remote, create_bucket, dvc, run, s3_keys, set_s3_credentials, stages_run
+from tests.helpers import (
+    add_s3_remote,
+    cached_stages,
+    create_bucket,
+    dvc,
+    run,
+    s3_keys,
+    set_s3_credentials,
+    stages_run,
+)
 from tlpipe.files import sha256_file
 
 pytestmark = pytest.mark.slow  # runs DVC, and stages in subprocesses
@@ -27,6 +37,8 @@ pytestmark = pytest.mark.slow  # runs DVC, and stages in subprocesses
 # Every file a stage writes lies under these folders.
 OUTPUT_FOLDERS = ("data", "models", "exports", "metrics", "reports")
 EXPERIMENT = "confidence-90"
+# What finetune writes: the model, its labels and temperature, the training log.
+FINETUNE_OUTPUTS = ("models/finetuned.keras", "models/finetuned.labels.json", "metrics/finetune/metrics.json")
 
 
 @dataclass(frozen=True)
@@ -111,3 +123,31 @@ def test_an_experiment_one_member_pushes_another_pulls_without_rerunning(team: T
     dvc(second, "exp", "apply", EXPERIMENT)
     assert stages_run(dvc(second, "repro").stdout) == {"fetch"}
     assert output_files(second) == experiment
+
+
+def test_a_run_one_member_pushed_is_restored_for_another_with_the_same_parameters(team: Team, tmp_path: Path) -> None:
+    """The shared run cache: a teammate who sets the parameters another member already ran, with the same code
+    and data, gets the fine-tuned model of that run from the remote instead of training it again. Stages that
+    write a metrics file (kept in git) rerun: DVC pushes no uncached output, so it cannot restore them there."""
+    change = "finetune.learning_rate=0.0001"
+    ran = dvc(team.first, "exp", "run", "--set-param", change)
+    assert "finetune" in stages_run(ran.stdout)
+    expected = output_files(team.first)
+    dvc(team.first, "push", "--run-cache")
+    second = clone(team, tmp_path / "second")
+    dvc(second, "pull", "--run-cache")
+    # --pull: DVC fetches a run's outputs from the remote when it restores that run (pull fetches the records).
+    result = dvc(second, "exp", "run", "--pull", "--set-param", change)
+    assert "finetune" in cached_stages(result.stdout) and "finetune" not in stages_run(result.stdout)
+    assert stages_run(result.stdout) <= {
+        "fetch",
+        "validate",
+        "ship",
+        "evaluate_model",
+        "export",
+        "model_card",
+        "aggregate",
+    }
+    restored = output_files(second)
+    assert {path: restored[path] for path in FINETUNE_OUTPUTS} == {path: expected[path] for path in FINETUNE_OUTPUTS}
+    assert restored["metrics/model.json"] == expected["metrics/model.json"]  # evaluated again: the same numbers
