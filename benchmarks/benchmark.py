@@ -110,20 +110,21 @@ def matmul_gflops(dtype: str = "float32", n: int = 4096, repeats: int = 5) -> fl
 
 def forward_flops(model: Any) -> float:
     """Multiply-adds x 2 of the convolution and dense layers for one image."""
+    return sum(layer_flops(layer) for layer in _all_layers(model))
+
+
+def layer_flops(layer: Any) -> float:
+    """Multiply-adds x 2 of one layer for one image: convolution and dense layers, 0 for the others."""
     import keras
 
-    total = 0.0
-    for layer in _all_layers(model):
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
-            out_shape = layer.output.shape
-            spatial = float(np.prod([d for d in out_shape[1:-1] if d])) if len(out_shape) > 2 else 1.0
-            kernel = layer.get_weights()[0].shape
-            if isinstance(layer, keras.layers.DepthwiseConv2D):
-                macs = spatial * kernel[0] * kernel[1] * kernel[2] * kernel[3]
-            else:
-                macs = spatial * float(np.prod(kernel))
-            total += 2 * macs
-    return total
+    if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+        return 0.0
+    out_shape = layer.output.shape
+    spatial = float(np.prod([d for d in out_shape[1:-1] if d])) if len(out_shape) > 2 else 1.0
+    kernel = layer.get_weights()[0].shape
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return 2 * spatial * kernel[0] * kernel[1] * kernel[2] * kernel[3]
+    return 2 * spatial * float(np.prod(kernel))
 
 
 def _all_layers(model: Any) -> list[Any]:

@@ -23,6 +23,7 @@ BENCHMARKS = (
     "predict",
     "audit",
     "extraction",
+    "finetune",
 )
 
 

@@ -2,7 +2,10 @@
 
 Starts from the frozen ImageNet base and the head that train@<model> fitted on cached features, unfreezes
 the top of the base (batch-norm layers stay frozen and in inference mode), and trains on the images with
-augmentation at a low learning rate. It writes models/finetuned.keras, which the `ship` stage then puts in
+augmentation at a low learning rate. With `finetune.cached_views` (tlpipe.activation_cache) the frozen part
+below the unfrozen layers runs once, over that many augmented views of each training image and over the
+validation images, and each epoch trains the unfrozen layers and the head on those activations. It writes
+models/finetuned.keras, which the `ship` stage then puts in
 place as models/model.keras; the model takes raw RGB images of any size: resizing, augmentation (inactive
 at inference) and the backbone's preprocessing are layers inside it.
 
@@ -20,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from tlpipe import pictures
+from tlpipe.activation_cache import cache_bound_bytes, cached_training, find_cut, plan_cache
 from tlpipe.datasets import image_dataset, read_classes, read_manifest, split_rows
 from tlpipe.errors import stage_main
 from tlpipe.evaluation import held_out_calibration, temperature_reason
-from tlpipe.files import atomic_dir, write_json
-from tlpipe.finetuning import batch_forward, dataset_probabilities, fine_tune, ship_model, unfreeze_top
+from tlpipe.files import atomic_dir, read_json, write_json
+from tlpipe.finetuning import Training, batch_forward, fine_tune, ship_model, unfreeze_top
 from tlpipe.models import load_model, save_model
 from tlpipe.params import load_params
 from tlpipe.paths import FINETUNE_LOG_DIR, FINETUNED_LABELS, FINETUNED_MODEL, SHIPPED_NAME, head_model, training_picture
@@ -55,24 +59,32 @@ def main() -> None:
         return
 
     strategy = strategy_for(params["distribute"])
+    head = load_model(head_model(key))
     with strategy.scope():
-        model, base = ship_model(key, spec, load_model(head_model(key)), tune["augment"], seed)
+        model, base = ship_model(key, spec, head, tune["augment"], seed)
         unfrozen = unfreeze_top(base, tune["unfreeze"])
+        cut = find_cut(base, unfrozen)
+    train_labels = train_rows["label_index"].to_numpy()
+    plan = plan_cache(cut, tune["cached_views"], tune["epochs"], len(train_labels), len(val_rows), cache_bound_bytes())
+    print(f"{key}: {plan.reason}", file=sys.stderr)
 
     size, batch_size = spec["image_size"], tune["batch_size"]
-    train_labels = train_rows["label_index"].to_numpy()
-    train_data = image_dataset(list(train_rows["path"]), size, batch_size, train_labels, shuffle_seed=seed)
     val_data = image_dataset(list(val_rows["path"]), size, batch_size, y_val)
+    if plan.views:
+        train_images = image_dataset(list(train_rows["path"]), size, batch_size, train_labels)
+        training = cached_training(
+            key, (model, base, head), plan, (train_images, val_data), (train_labels, y_val), batch_size, seed, strategy
+        )
+    else:
+        train_data = image_dataset(list(train_rows["path"]), size, batch_size, train_labels, shuffle_seed=seed)
+        training = Training(model, train_data, val_data, batch_forward(model, (size, size, 3)))
 
-    forward = batch_forward(model, (size, size, 3))
     with atomic_dir(FINETUNE_LOG_DIR) as log_dir:
         progress = fit_progress(key, -(-len(train_rows) // batch_size), tune["epochs"])
         result = fine_tune(
             key,
-            model,
+            training,
             strategy,
-            (train_data, val_data),
-            forward,
             train_labels,
             len(val_rows),
             len(classes),
@@ -83,11 +95,13 @@ def main() -> None:
         print(result.summary(key, unfrozen), file=sys.stderr)
         print(f"{key}: {result.reason()}", file=sys.stderr)
         save_model(model, FINETUNED_MODEL)
+        write_json(log_dir / "metrics.json", read_json(log_dir / "metrics.json") | plan.metrics())
         picture = training_picture(SHIPPED_NAME)
         pictures.training_curves(result.history, f"fine-tuning {key}", picture, best_epoch=result.best_epoch)
-        # Calibration for predict and evaluate_model: the temperature that best fits the validation images.
+        # Calibration for predict and evaluate_model: the temperature that best fits the validation images
+        # (on the cache, where there is one: the shipped model's probabilities within float error).
         started = time.perf_counter()
-        val_probabilities = dataset_probabilities(forward, val_data)
+        val_probabilities = training.val_probabilities()
         scaling = held_out_calibration(
             key, y_val, val_probabilities, classes, min_val, params["stats"]["calibration_alpha"]
         )

@@ -86,17 +86,36 @@ def forward_seconds_per_image(forward: Callable[[Any], np.ndarray], images: Any)
     return (time.perf_counter() - started) / len(images)
 
 
-def announce_estimate(key: str, per_image_s: float, n_train: int, n_val: int, epochs: int) -> None:
+def announce_estimate(
+    key: str, per_image_s: float, n_train: int, n_val: int, epochs: int, what: str = "forward pass"
+) -> None:
     """Before a long run: how long it will take, and which parameters make it shorter."""
     epoch_s = per_image_s * (STEP_COST_IN_FORWARD_PASSES * n_train + n_val)
     print(
         f"{key}: fine-tuning {epochs} epochs of {n_train} images should take about {duration(epochs * epoch_s)} "
-        f"({duration(epoch_s)} per epoch; forward pass measured here at {1 / per_image_s:.0f} images/s; "
+        f"({duration(epoch_s)} per epoch; {what} measured here at {1 / per_image_s:.0f} images/s; "
         "early stopping may end it sooner). To shorten it: lower finetune.epochs or finetune.unfreeze, "
         "choose a lighter backbone (model), or use a GPU.",
         file=sys.stderr,
         flush=True,
     )
+
+
+@dataclass(frozen=True)
+class Training:
+    """What fine_tune trains, and on what: the shipped model on batches of images, or the top of the base
+    and the head on batches of cached activations (tlpipe.activation_cache). Either way the shipped model's
+    layers are the ones trained."""
+
+    model: Any
+    train: Any  # batches of (inputs, labels), reshuffled every epoch
+    val: Any  # batches of (inputs, labels), in the manifest's order
+    forward: Callable[[Any], np.ndarray]  # batch_forward of `model`: a batch of val's inputs -> probabilities
+    what: str = "forward pass"  # what `forward` is, in the time estimate
+
+    def val_probabilities(self) -> np.ndarray:
+        """The class probabilities of every validation image, in the manifest's order."""
+        return dataset_probabilities(self.forward, self.val)
 
 
 @dataclass(frozen=True)
@@ -130,10 +149,8 @@ class FineTuned:
 
 def fine_tune(
     key: str,
-    model: Any,
+    training: Training,
     strategy: Any,
-    data: tuple[Any, Any],
-    forward: Callable[[Any], np.ndarray],
     train_labels: np.ndarray,
     n_val: int,
     n_classes: int,
@@ -141,15 +158,15 @@ def fine_tune(
     class_weight: str | None,
     callbacks: list[Any],
 ) -> FineTuned:
-    """Train `model` (params.yaml `finetune:`) on (train, val) image batches with early stopping on val.
+    """Train `training.model` (params.yaml `finetune:`) on its (train, val) batches with early stopping on val.
 
-    Prints an estimate of the time it will take first, timing `forward` (batch_forward of `model`).
+    Prints an estimate of the time it will take first, timing `training.forward`.
     Fine-tuning must never ship something worse than the frozen base and head it started from: when the
     validation loss ends higher, the frozen weights are kept.
     """
     import keras
 
-    train_data, val_data = data
+    model, train_data, val_data = training.model, training.train, training.val
     with strategy.scope():
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=settings["learning_rate"]),
@@ -158,14 +175,15 @@ def fine_tune(
         )
     frozen_weights = model.get_weights()
     sample, _ = next(iter(val_data))
-    announce_estimate(key, forward_seconds_per_image(forward, sample), len(train_labels), n_val, settings["epochs"])
+    per_image_s = forward_seconds_per_image(training.forward, sample)
+    announce_estimate(key, per_image_s, len(train_labels), n_val, settings["epochs"], training.what)
     frozen = tuple(model.evaluate(val_data, verbose=0))
     history = model.fit(
         train_data,
         validation_data=val_data,
         epochs=settings["epochs"],
         class_weight=class_weights(train_labels, n_classes, class_weight),
-        shuffle=False,  # the dataset reshuffles itself every epoch (seeded); Keras warns if asked to
+        shuffle=False,  # the data reshuffles itself every epoch (seeded); Keras warns if asked to
         verbose=0,
         callbacks=[
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings["patience"], restore_best_weights=True),
