@@ -113,3 +113,14 @@ def test_a_frozen_shipment_its_reason_and_the_classes_left_out_are_on_the_card()
     assert "a linear probe: multinomial logistic regression" in render(inputs(params=logistic))
     keras = logistic | {"train": logistic["train"] | {"head": "keras"}}
     assert "early stopping with patience" in render(inputs(params=keras))
+
+
+def test_the_card_says_whether_fine_tuning_ran_on_cached_activations() -> None:
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for views in (0, 3):
+        params["finetune"]["cached_views"] = views
+        card = render(inputs(params=params))
+        assert ("3 augmented views" in card) == (views == 3)
+        assert ("every epoch on the images" in card) == (views == 0)
+    del params["finetune"]["cached_views"]  # a params.yaml from before the option: it trained on the images
+    assert "every epoch on the images" in render(inputs(params=params))

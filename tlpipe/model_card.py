@@ -102,13 +102,25 @@ def model_section(inputs: CardInputs) -> str:
             f"- Head (`train`): {head_description(train)}",
             f"- Fine-tuning (`finetune`): top {finetune['unfreeze']} layers unfrozen, up to {finetune['epochs']} "
             f"epochs, learning rate {finetune['learning_rate']}, batch size {finetune['batch_size']}, "
-            f"patience {finetune['patience']}, augmentation {finetune['augment']}; seed {params['seed']}.",
+            f"patience {finetune['patience']}, augmentation {finetune['augment']}; {cached_description(finetune)}; "
+            f"seed {params['seed']}.",
             f"- Shipped (`shipped`: {metrics.get('shipped', 'fine-tuned')}): "
             f"{metrics.get('shipped_reason', 'fine-tuned')}.",
             f"- Parameters: {metrics['params']:,} (`metrics/model.json` params).",
             "- Input: RGB images of any size, values 0-255 (resizing and the backbone's preprocessing are inside "
             "the model). Output: one probability per class, in the order of `models/labels.json`.",
         ]
+    )
+
+
+def cached_description(finetune: dict[str, Any]) -> str:
+    """How the fine-tuning epochs saw the images (`finetune.cached_views`; absent in an older params.yaml)."""
+    views = finetune.get("cached_views", 0)
+    if not views:
+        return "every epoch on the images (`cached_views` 0)"
+    return (
+        f"the frozen layers run once over {views} augmented views of each training image, the epochs on their "
+        f"activations (`cached_views` {views}; fine-tuning every layer trains on the images)"
     )
 
 
