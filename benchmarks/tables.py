@@ -24,6 +24,7 @@ BENCHMARKS = (
     "audit",
     "extraction",
     "finetune",
+    "default_run",
 )
 
 
