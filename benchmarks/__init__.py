@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,18 @@ SHARED_WEIGHTS = {
 
 # A block's place: (page relative to the project root, marker name).
 Block = tuple[str, str]
+
+
+def code_at(revision: str, folder: Path, paths: tuple[str, ...]) -> str:
+    """`paths` of the project as committed at git `revision`, copied into the new `folder` (`git archive`, so
+    what the working tree changed does not leak in); the revision's short hash."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", revision], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", commit, *paths], cwd=PROJECT_ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return commit
 
 
 def machine() -> str:

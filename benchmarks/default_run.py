@@ -31,6 +31,7 @@ from benchmarks import (
     SHARED_WEIGHTS,
     Block,
     benchmark_parser,
+    code_at,
     load_results,
     markdown,
     measured,
@@ -43,6 +44,8 @@ from tests.helpers import SHARED_DIR, make_project
 NAME = "default_run"
 PAGES = ("README.md", "docs/performance.md")
 ZIP = "data/cats_and_dogs_filtered.zip"
+# What a version of the pipeline is: its code, stages and parameters.
+PIPELINE_FILES = ("stages", "tlpipe", "dvc.yaml", "params.yaml", ".gitignore")
 # A stage's line in `dvc repro`'s output: it runs, or DVC skips or restores it.
 STAGE_LINE = re.compile(r"^(?:Running stage|Stage) '([^']+)'")
 
@@ -52,18 +55,6 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", default="HEAD", help="the git revision to compare this working tree with")
     parser.add_argument("--shared", type=Path, default=SHARED_DIR, help="the shared data and weights")
     return parser
-
-
-def code_at(revision: str, folder: Path) -> tuple[Path, str]:
-    """The pipeline's files at `revision`, copied into `folder`, and the revision's short hash."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", revision], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    folder.mkdir(parents=True)
-    files = ["stages", "tlpipe", "dvc.yaml", "params.yaml", ".gitignore"]
-    archive = subprocess.run(["git", "archive", commit, *files], cwd=PROJECT_ROOT, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
-    return folder, commit
 
 
 def offline_backbones(source: Path, shared: Path) -> dict[str, dict[str, Any]]:
@@ -127,7 +118,8 @@ def measure_version(source: Path, root: Path, shared: Path) -> dict[str, Any]:
 def measure(baseline: str, shared: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        source, commit = code_at(baseline, folder / "baseline-code")
+        source = folder / "baseline-code"
+        commit = code_at(baseline, source, PIPELINE_FILES)
         report: dict[str, Any] = stamp() | {"baseline_commit": commit}
         for name, code in (("baseline", source), ("now", PROJECT_ROOT)):
             report[name] = measure_version(code, folder / f"{name}-project", shared)

@@ -42,6 +42,7 @@ from benchmarks import (
     PROJECT_ROOT,
     Block,
     benchmark_parser,
+    code_at,
     load_results,
     markdown,
     measured,
@@ -194,19 +195,6 @@ def speed_run(model: Path, files: list[Path], code: Path) -> float:
     return float(result.stdout.split()[-1])
 
 
-def baseline_code(revision: str, folder: Path) -> str:
-    """stages/ and tlpipe/ of `revision` copied into `folder`; its commit's short hash."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", revision], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    folder.mkdir()
-    archive = subprocess.run(
-        ["git", "archive", commit, "stages", "tlpipe"], cwd=PROJECT_ROOT, capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return commit
-
-
 def large_images(folder: Path) -> list[Path]:
     """LARGE_FILES PNGs of LARGE_SIDE x LARGE_SIDE: a synthetic picture enlarged in flat blocks, so each
     file is small and its decoded pixels are not."""
@@ -227,7 +215,7 @@ def against_baseline(revision: str, folder: Path, model: Path, files: list[Path]
     better of two runs, alternating, so that a busy spell slows both), for the baseline's code and this code,
     in turn; stamped with the machine, the date and its seconds."""
     started = time.perf_counter()
-    commit = baseline_code(revision, folder / "baseline")
+    commit = code_at(revision, folder / "baseline", ("stages", "tlpipe"))
     large = large_images(folder / "large")
     codes = {"baseline": folder / "baseline", "now": PROJECT_ROOT}
     out: dict[str, Any] = stamp() | {

@@ -85,6 +85,13 @@ def share_run(run_dir: Path, endpoint: str, root: Path) -> Team:
     return Team(origin, first, endpoint, bucket, output_files(first))
 
 
+def back_to_pushed(team: Team) -> None:
+    """Undo what an earlier test's experiment left in `first`'s workspace (DVC applies it there)."""
+    run(["git", "checkout", "--", "."], team.first)
+    dvc(team.first, "checkout", "--force")
+    assert output_files(team.first) == team.pushed
+
+
 def stages_with_changed_outputs(project: Path) -> set[str]:
     """The stages whose outputs `dvc status` finds missing or changed."""
     status = json.loads(dvc(project, "status", "--json").stdout)
@@ -114,6 +121,7 @@ def test_a_fresh_clone_pulls_every_output_and_reruns_nothing(team: Team, tmp_pat
 
 
 def test_an_experiment_one_member_pushes_another_pulls_without_rerunning(team: Team, tmp_path: Path) -> None:
+    back_to_pushed(team)
     result = dvc(team.first, "exp", "run", "--name", EXPERIMENT, "--set-param", "stats.confidence=0.9")
     assert "evaluate_model" in stages_run(result.stdout)
     experiment = output_files(team.first)
@@ -130,6 +138,7 @@ def test_a_run_one_member_pushed_is_restored_for_another_with_the_same_parameter
     """The shared run cache: a teammate who sets the parameters another member already ran, with the same code
     and data, gets the fine-tuned model of that run from the remote instead of training it again. Stages that
     write a metrics file (kept in git) rerun: DVC pushes no uncached output, so it cannot restore them there."""
+    back_to_pushed(team)
     change = "finetune.learning_rate=0.0001"
     ran = dvc(team.first, "exp", "run", "--set-param", change)
     assert "finetune" in stages_run(ran.stdout)
