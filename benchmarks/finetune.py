@@ -144,9 +144,9 @@ def fine_tuning_run(
     the model that would ship classifies each test image right, what it trained: a Training)."""
     import tensorflow as tf
 
-    from tlpipe.activation_cache import cache_bound_bytes, cached_training, find_cut, plan_cache
+    from tlpipe.activation_cache import cache_bound_bytes, find_cut, plan_cache, training_on
     from tlpipe.datasets import image_dataset
-    from tlpipe.finetuning import Training, batch_forward, dataset_probabilities, fine_tune, ship_model, unfreeze_top
+    from tlpipe.finetuning import batch_forward, dataset_probabilities, fine_tune, ship_model, unfreeze_top
     from tlpipe.models import load_model
     from tlpipe.runtime import seed_everything
 
@@ -161,18 +161,11 @@ def fine_tuning_run(
     plan = plan_cache(cut, tune["cached_views"], tune["epochs"], len(y_train), len(y_val), cache_bound_bytes())
     print(f"{key}: {plan.reason}", file=sys.stderr)
     size, batch_size = spec["image_size"], tune["batch_size"]
-    val_data = image_dataset(val_paths, size, batch_size, y_val)
-    cache_s = None
-    if plan.views:
-        train_images = image_dataset(train_paths, size, batch_size, y_train)
-        shipped, cache_started = (model, base, head), time.perf_counter()
-        training = cached_training(
-            key, shipped, plan, (train_images, val_data), (y_train, y_val), batch_size, seed, strategy
-        )
-        cache_s = round(time.perf_counter() - cache_started, 1)
-    else:
-        train_data = image_dataset(train_paths, size, batch_size, y_train, shuffle_seed=seed)
-        training = Training(model, train_data, val_data, batch_forward(model, (size, size, 3)))
+    set_up = time.perf_counter()
+    splits = ((train_paths, y_train), (val_paths, y_val))
+    training = training_on(key, (model, base, head), plan, splits, size, batch_size, seed, strategy)
+    # Where it caches, setting up is building the cache (the datasets are lazy).
+    cache_s = round(time.perf_counter() - set_up, 1) if plan.views else None
     timer = epoch_timer()
     result = fine_tune(key, training, strategy, y_train, len(y_val), 2, tune, None, [timer])
     training.val_probabilities()  # the calibration pass

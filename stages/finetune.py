@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from tlpipe import pictures
-from tlpipe.activation_cache import cache_bound_bytes, cached_training, find_cut, plan_cache
-from tlpipe.datasets import image_dataset, read_classes, read_manifest, split_rows
+from tlpipe.activation_cache import cache_bound_bytes, find_cut, plan_cache, training_on
+from tlpipe.datasets import read_classes, read_manifest, split_rows
 from tlpipe.errors import stage_main
 from tlpipe.evaluation import held_out_calibration, temperature_reason
 from tlpipe.files import atomic_dir, read_json, write_json
-from tlpipe.finetuning import Training, batch_forward, fine_tune, ship_model, unfreeze_top
+from tlpipe.finetuning import fine_tune, ship_model, unfreeze_top
 from tlpipe.models import load_model, save_model
 from tlpipe.params import load_params
 from tlpipe.paths import FINETUNE_LOG_DIR, FINETUNED_LABELS, FINETUNED_MODEL, SHIPPED_NAME, head_model, training_picture
@@ -69,15 +69,8 @@ def main() -> None:
     print(f"{key}: {plan.reason}", file=sys.stderr)
 
     size, batch_size = spec["image_size"], tune["batch_size"]
-    val_data = image_dataset(list(val_rows["path"]), size, batch_size, y_val)
-    if plan.views:
-        train_images = image_dataset(list(train_rows["path"]), size, batch_size, train_labels)
-        training = cached_training(
-            key, (model, base, head), plan, (train_images, val_data), (train_labels, y_val), batch_size, seed, strategy
-        )
-    else:
-        train_data = image_dataset(list(train_rows["path"]), size, batch_size, train_labels, shuffle_seed=seed)
-        training = Training(model, train_data, val_data, batch_forward(model, (size, size, 3)))
+    splits = ((list(train_rows["path"]), train_labels), (list(val_rows["path"]), y_val))
+    training = training_on(key, (model, base, head), plan, splits, size, batch_size, seed, strategy)
 
     with atomic_dir(FINETUNE_LOG_DIR) as log_dir:
         progress = fit_progress(key, -(-len(train_rows) // batch_size), tune["epochs"])

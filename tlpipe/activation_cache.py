@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tlpipe.datasets import AUGMENTATION_LAYER
+from tlpipe.datasets import AUGMENTATION_LAYER, image_dataset
 from tlpipe.files import megabytes
 from tlpipe.finetuning import Training, batch_forward
 from tlpipe.models import inference_function, worth_freezing
@@ -389,3 +389,32 @@ def cached_training(
         batch_forward(top, (plan.cut.values_per_image,)),
         what="the unfrozen top's forward pass on cached activations",
     )
+
+
+def training_on(
+    key: str,
+    shipped: tuple[Any, Any, Any],
+    plan: CachePlan,
+    splits: tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray]],
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    strategy: Any,
+) -> Training:
+    """What fine_tune trains, as the finetune stage sets it up: the top of the base and the head on cached
+    activations where `plan` caches (cached_training), the shipped model on the images, reshuffled every
+    epoch (seeded), where it does not.
+
+    `shipped` is (model, base, head) as ship_model built them; `splits` the (train, val) image paths and
+    class indices, in the manifest's order.
+    """
+    (train_paths, y_train), (val_paths, y_val) = splits
+    val_data = image_dataset(val_paths, image_size, batch_size, y_val)
+    if plan.views:
+        train_images = image_dataset(train_paths, image_size, batch_size, y_train)
+        return cached_training(
+            key, shipped, plan, (train_images, val_data), (y_train, y_val), batch_size, seed, strategy
+        )
+    model = shipped[0]
+    train_data = image_dataset(train_paths, image_size, batch_size, y_train, shuffle_seed=seed)
+    return Training(model, train_data, val_data, batch_forward(model, (image_size, image_size, 3)))
