@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.datasets import AUGMENTATION_LAYER, image_dataset
-from tlpipe.files import megabytes
+from tlpipe.files import gigabytes, megabytes
 from tlpipe.finetuning import Training, batch_forward
 from tlpipe.models import inference_function, worth_freezing
 from tlpipe.progress import TIMED_BATCHES, bar, duration
@@ -39,10 +39,6 @@ from tlpipe.progress import TIMED_BATCHES, bar, duration
 CACHE_MEMORY_FRACTION = 0.5
 # Where a container's memory is limited, cgroups say so (v2, then v1); psutil reports the host's.
 CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
-
-
-def gigabytes(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.2f} GB"
 
 
 def machine_memory_bytes() -> int:

@@ -86,6 +86,11 @@ def megabytes(n_bytes: float) -> str:
     return f"{n_bytes / 1e6:.1f} MB"
 
 
+def gigabytes(n_bytes: float) -> str:
+    """A memory size: decimal gigabytes, two decimals."""
+    return f"{n_bytes / 1e9:.2f} GB"
+
+
 def read_json(path: Path | str) -> Any:
     path = Path(path)
     try:
